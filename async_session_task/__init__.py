@@ -1,0 +1,7 @@
+"""Celery tasks with ``async def`` bodies and one SQLAlchemy ``AsyncSession`` per run."""
+
+from ._session import current_session
+from ._task import AsyncSessionTask
+
+__all__ = ["AsyncSessionTask", "current_session"]
+__version__ = "0.1.0"

@@ -1,0 +1,273 @@
+"""One asyncio event loop per worker process, in a real OS thread, and the engines it owns.
+
+Lifecycle: :func:`get_runtime` starts the loop thread lazily, at the first run in a process
+(so a prefork parent never starts one), and keys it by ``os.getpid()``: a forked child sees
+its parent's loop object claim to be running, but the thread behind it does not exist there
+(TRAPS 11). :func:`shutdown` disposes the engines on the loop, then stops and closes it; it
+is wired to ``worker_process_shutdown``, ``worker_shutdown`` and ``atexit`` because no one
+of them fires for every pool (TRAPS 12), and it is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import sys
+import threading
+from collections.abc import Coroutine
+from contextvars import Context
+from typing import Any, Protocol, TypeVar
+
+from celery import signals
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from . import _config
+
+T = TypeVar("T")
+logger = logging.getLogger("async_session_task")
+
+#: Seconds a cancelled run may take to finish its cleanup before it is reported.
+CANCEL_GRACE = 10.0
+#: Seconds :func:`shutdown` waits for engines to be disposed.
+SHUTDOWN_GRACE = 10.0
+
+
+def _original(module: str, name: str) -> Any:
+    """The unpatched OS-level primitive, even when gevent or eventlet monkey-patched it.
+
+    The loop must run in a real OS thread: a loop in a greenlet makes every task greenlet see
+    a running loop, and its cross-thread wake-ups stall on recent CPython (TRAPS 14, 22).
+    """
+    if "gevent.monkey" in sys.modules:
+        from gevent import monkey
+
+        return monkey.get_original(module, name)
+    if "eventlet.patcher" in sys.modules:
+        from eventlet import patcher
+
+        return getattr(patcher.original(module), name)
+    return getattr(__import__(module), name)
+
+
+class Waiter(Protocol):
+    """Lets the calling thread (or greenlet) sleep until the loop says a run is done."""
+
+    def notify(self) -> None:
+        """Called once, on the loop thread."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until notified; False on timeout. Signal handlers may raise out of it."""
+
+
+class LockWaiter:
+    """For OS threads: a lock the loop releases. Acquiring it is interruptible by signals,
+    so prefork's soft time limit (SIGUSR1) still reaches the waiting main thread."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = _original("_thread", "allocate_lock")()
+        self._lock.acquire()
+
+    def notify(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return bool(self._lock.acquire(timeout=-1 if timeout is None else timeout))
+
+
+class Call:
+    """One coroutine submitted to the loop from another thread.
+
+    Unlike ``run_coroutine_threadsafe``, cancelling a :class:`Call` cancels the asyncio task
+    and the caller then waits for that task to finish, so the body's ``finally`` blocks and
+    the session cleanup have run before the caller moves on (TRAPS 17).
+    """
+
+    __slots__ = ("_cancelled", "_coro", "_context", "_task", "_waiter")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], context: Context, waiter: Waiter) -> None:
+        self._coro = coro
+        self._context = context
+        self._waiter = waiter
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelled = False
+
+    def start(self) -> None:  # on the loop
+        if self._cancelled:
+            self._coro.close()
+            self._waiter.notify()
+            return
+        # A context per run (TRAPS 19): ContextVars never leak from one run to the next.
+        self._task = asyncio.get_running_loop().create_task(self._coro, context=self._context)
+        self._task.add_done_callback(self._done)
+
+    def _done(self, _: object) -> None:
+        self._waiter.notify()
+
+    def cancel(self) -> None:  # on the loop
+        if self._task is None:
+            self._cancelled = True
+        else:
+            self._task.cancel()
+
+    def result(self) -> Any:
+        if self._task is None:
+            raise asyncio.CancelledError
+        return self._task.result()
+
+
+def new_waiter() -> Waiter:
+    return LockWaiter()
+
+
+class Runtime:
+    """The event loop of this process, the thread that runs it, and what lives on it."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.closed = False
+        self._stopped = LockWaiter()
+        self._engines: dict[tuple[str, str], AsyncEngine] = {}
+        self._makers: dict[type[Any], async_sessionmaker[Any]] = {}
+        self._foreign: list[AsyncEngine] = []
+        _original("_thread", "start_new_thread")(self._serve, ())
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self._stopped.notify()
+
+    def on_loop(self) -> bool:
+        """True in the loop's own thread, where blocking on the loop would deadlock."""
+        return asyncio._get_running_loop() is self.loop
+
+    def call(self, coro: Coroutine[Any, Any, T], context: Context) -> T:
+        """Run ``coro`` on the loop in ``context`` and block (cooperatively) for its result.
+
+        If the wait is interrupted (soft time limit, ``gevent.Timeout``, ``KeyboardInterrupt``),
+        the coroutine is cancelled at its current await and given :data:`CANCEL_GRACE` seconds
+        to finish its cleanup; then the interruption is re-raised (TRAPS 13).
+        """
+        if self.on_loop():
+            coro.close()
+            raise RuntimeError(
+                "A blocking task call was made on the event loop thread: await the coroutine "
+                "instead, or call the task from the task body itself."
+            )
+        waiter = new_waiter()
+        call = Call(coro, context, waiter)
+        self.loop.call_soon_threadsafe(call.start)
+        try:
+            waiter.wait()
+        except BaseException:
+            self.loop.call_soon_threadsafe(call.cancel)
+            if not waiter.wait(CANCEL_GRACE):
+                logger.warning(
+                    "A cancelled task body is still running %.0f s later; it ignores "
+                    "asyncio.CancelledError. Its session stays open until it ends.",
+                    CANCEL_GRACE,
+                )
+            raise
+        result: T = call.result()
+        return result
+
+    def maker_for(self, task: Any) -> async_sessionmaker[Any]:
+        """The session factory of ``task``'s class, resolved once per process."""
+        maker = self._makers.get(type(task))
+        if maker is None:
+            with _lock:
+                maker = self._makers.get(type(task))
+                if maker is None:
+                    maker = self._makers[type(task)] = self._resolve(task)
+        return maker
+
+    def _resolve(self, task: Any) -> async_sessionmaker[Any]:
+        settings = _config.Settings.of(task)
+        settings.check(task.name)
+        if settings.maker is not None:
+            maker = _config.resolve_maker(settings, task.name)
+            for engine in _engines_of(maker):
+                if all(engine is not seen for seen in self._foreign):
+                    # The app's engine may have connected before this process existed (a
+                    # prefork parent) or on another loop: start this process on a new pool
+                    # without touching the old connections (TRAPS 11; SQLAlchemy, "Using
+                    # Connection Pools with Multiprocessing or os.fork()").
+                    engine.sync_engine.dispose(close=False)
+                    self._foreign.append(engine)
+            return maker
+        key = settings.engine_key()
+        engine = self._engines.get(key)
+        if engine is None:
+            engine = self._engines[key] = _config.create_engine(settings)
+        return async_sessionmaker(
+            engine, **{**_config.SESSION_DEFAULTS, **settings.session_options}
+        )
+
+    def close(self) -> None:
+        """Dispose every engine on the loop (TRAPS 24), stop the loop, close it. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        engines = [*self._engines.values(), *self._foreign]
+        if engines and self.loop.is_running():
+            waiter = new_waiter()
+            call = Call(_dispose(engines), Context(), waiter)
+            self.loop.call_soon_threadsafe(call.start)
+            if not waiter.wait(SHUTDOWN_GRACE):
+                logger.warning("Engines were not disposed within %.0f s.", SHUTDOWN_GRACE)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if self._stopped.wait(SHUTDOWN_GRACE):
+            self.loop.close()
+
+
+async def _dispose(engines: list[AsyncEngine]) -> None:
+    for engine in engines:
+        try:
+            await engine.dispose()
+        except Exception:
+            logger.exception("Disposing %r failed", engine)
+
+
+def _engines_of(maker: async_sessionmaker[Any]) -> list[AsyncEngine]:
+    bind = maker.kw.get("bind")
+    binds = maker.kw.get("binds") or {}
+    found = [e for e in (bind, *binds.values()) if isinstance(e, AsyncEngine)]
+    return found
+
+
+_runtime: Runtime | None = None
+# Guards the slow paths only: first start in a process, first run of a task class.
+_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The runtime of this process, started on first use (after a fork: a new one)."""
+    global _runtime
+    runtime = _runtime
+    if runtime is None or runtime.pid != os.getpid() or runtime.closed:
+        with _lock:
+            runtime = _runtime
+            if runtime is None or runtime.pid != os.getpid() or runtime.closed:
+                runtime = _runtime = Runtime()
+    return runtime
+
+
+def shutdown(**_: Any) -> None:
+    """Close this process's runtime, if it started one. Safe to call more than once."""
+    runtime = _runtime
+    if runtime is not None and runtime.pid == os.getpid():
+        runtime.close()
+
+
+# No single hook fires for every pool (TRAPS 12): prefork children that exit normally send
+# worker_process_shutdown; the main process sends worker_shutdown (solo, threads, gevent,
+# eventlet); atexit covers scripts and the in-process test worker.
+signals.worker_process_shutdown.connect(shutdown, weak=False)
+signals.worker_shutdown.connect(shutdown, weak=False)
+atexit.register(shutdown)
