@@ -19,7 +19,7 @@ from greenlet import getcurrent, greenlet
 T = TypeVar("T")
 
 
-class _BodyGreenlet(greenlet):  # type: ignore[misc]  # greenlet's stubs type the base as Any
+class _BodyGreenlet(greenlet):
     """Steps one body's coroutine; its parent is the greenlet running the event loop."""
 
     def __init__(self, parent: greenlet) -> None:
@@ -41,7 +41,7 @@ class _Yield:
 
 
 def _step(coro: Coroutine[Any, Any, Any]) -> Any:
-    parent = getcurrent().parent
+    parent = _parent()
     value: Any = None
     error: BaseException | None = None
     while True:
@@ -77,5 +77,11 @@ def in_body() -> bool:
 
 def await_in_body(awaitable: Awaitable[T]) -> T:
     """From blocking code inside a driven body, await ``awaitable`` on the running loop."""
-    result: T = getcurrent().parent.switch(awaitable)
+    result: T = _parent().switch(awaitable)
     return result
+
+
+def _parent() -> greenlet:
+    parent = getcurrent().parent
+    assert parent is not None, "a body greenlet always has the loop's greenlet as parent"
+    return parent

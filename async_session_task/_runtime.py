@@ -24,6 +24,7 @@ from celery import signals
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from . import _config
+from ._session import runs
 
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")
@@ -86,7 +87,7 @@ class Call:
     the session cleanup have run before the caller moves on (TRAPS 17).
     """
 
-    __slots__ = ("_cancelled", "_coro", "_context", "_task", "_waiter")
+    __slots__ = ("_cancelled", "_context", "_coro", "_task", "_waiter")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], context: Context, waiter: Waiter) -> None:
         self._coro = coro
@@ -202,12 +203,14 @@ class Runtime:
                     self._foreign.append(engine)
             return maker
         key = settings.engine_key()
-        engine = self._engines.get(key)
-        if engine is None:
-            engine = self._engines[key] = _config.create_engine(settings)
-        return async_sessionmaker(
-            engine, **{**_config.SESSION_DEFAULTS, **settings.session_options}
-        )
+        shared = self._engines.get(key)
+        if shared is None:
+            shared = self._engines[key] = _config.create_engine(settings)
+        options = {**_config.SESSION_DEFAULTS, **settings.session_options}
+        return async_sessionmaker(shared, **options)
+
+    def engine_count(self) -> int:
+        return len(self._engines) + len(self._foreign)
 
     def close(self) -> None:
         """Dispose every engine on the loop (TRAPS 24), stop the loop, close it. Idempotent."""
@@ -237,8 +240,7 @@ async def _dispose(engines: list[AsyncEngine]) -> None:
 def _engines_of(maker: async_sessionmaker[Any]) -> list[AsyncEngine]:
     bind = maker.kw.get("bind")
     binds = maker.kw.get("binds") or {}
-    found = [e for e in (bind, *binds.values()) if isinstance(e, AsyncEngine)]
-    return found
+    return [e for e in (bind, *binds.values()) if isinstance(e, AsyncEngine)]
 
 
 _runtime: Runtime | None = None
@@ -258,10 +260,20 @@ def get_runtime() -> Runtime:
     return runtime
 
 
+def current() -> Runtime | None:
+    """The running runtime of this process, without starting one."""
+    runtime = _runtime
+    if runtime is None or runtime.pid != os.getpid() or runtime.closed:
+        return None
+    return runtime
+
+
 def shutdown(**_: Any) -> None:
     """Close this process's runtime, if it started one. Safe to call more than once."""
-    runtime = _runtime
-    if runtime is not None and runtime.pid == os.getpid():
+    runtime = current()
+    if runtime is not None:
+        if len(runs):
+            logger.warning("%d task session(s) were still registered at shutdown.", len(runs))
         runtime.close()
 
 

@@ -1,0 +1,143 @@
+"""The Celery app that the tests run in real ``celery worker`` processes.
+
+Configured from the environment (see ``tests/conftest.py``), so the same module serves the
+test process (to send tasks) and every worker (to run them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import Ignore, Reject
+from sqlalchemy import Integer, String, func, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from async_session_task import AsyncSessionTask, current_session
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Note(Base):
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    text: Mapped[str] = mapped_column(String(200))
+
+
+class Counter(Base):
+    __tablename__ = "counters"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+app = Celery(
+    "pg_app",
+    broker=os.environ.get("AST_BROKER_URL", "redis://127.0.0.1:6379/0"),
+    backend=os.environ.get("AST_RESULT_BACKEND", "redis://127.0.0.1:6379/0"),
+)
+app.conf.update(
+    async_session_url=os.environ.get("AST_DATABASE_URL"),
+    async_session_engine_options=json.loads(os.environ.get("AST_ENGINE_OPTIONS", "{}")),
+    task_default_queue=os.environ.get("AST_QUEUE", "celery"),
+    result_expires=600,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+async def count_notes(key: str) -> int:
+    """An 'existing repository function': it only knows current_session()."""
+    count = await current_session().scalar(
+        select(func.count()).select_from(Note).where(Note.key == key)
+    )
+    return int(count or 0)
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def probe(self: AsyncSessionTask, delay: float = 0.0) -> dict[str, Any]:
+    """Reports what the body sees before and after an await."""
+    session, request = self.session, self.request
+    before = {"session": id(session), "id": request.id, "args": list(request.args)}
+    await asyncio.sleep(delay)
+    backend_pid = await session.scalar(text("select pg_backend_pid()"))
+    in_run_sync = await session.run_sync(lambda _: self.request.id)
+    return {
+        "before": before,
+        "after": {"session": id(self.session), "id": self.request.id, "args": self.request.args},
+        "current_session_same": current_session() is session,
+        "run_sync_request_id": in_run_sync,
+        "retries": self.request.retries,
+        "routing_key": (self.request.delivery_info or {}).get("routing_key"),
+        "pid": os.getpid(),
+        "backend_pid": backend_pid,
+    }
+
+
+@app.task(bind=True, base=AsyncSessionTask, max_retries=3, default_retry_delay=0)
+async def outcome(self: AsyncSessionTask, key: str, how: str) -> Any:
+    """Writes a note in an open transaction, then ends as ``how`` says."""
+    self.session.add(Note(key=key, text=f"{how}:{self.request.retries}"))
+    await self.session.flush()
+    if how == "commit":
+        await self.session.commit()
+        return await count_notes(key)
+    if how == "error":
+        raise ValueError(f"failed on purpose ({key})")
+    if how == "retry":
+        if self.request.retries < 2:
+            raise self.retry(countdown=0)
+        return self.request.retries
+    if how == "ignore":
+        raise Ignore()
+    if how == "reject":
+        raise Reject("rejected on purpose", requeue=False)
+    if how == "unserializable":
+        return object()
+    return "uncommitted"
+
+
+@app.task(
+    bind=True,
+    base=AsyncSessionTask,
+    autoretry_for=(ValueError,),
+    dont_autoretry_for=(KeyError,),
+    max_retries=2,
+    default_retry_delay=0,
+)
+async def flaky(self: AsyncSessionTask, key: str, error: str = "ValueError") -> None:
+    """Writes a note, then fails: autoretry_for applies to ValueError only."""
+    self.session.add(Note(key=key, text=f"attempt:{self.request.retries}"))
+    await self.session.flush()
+    raise {"ValueError": ValueError, "KeyError": KeyError}[error](key)
+
+
+@app.task(bind=True, base=AsyncSessionTask, autocommit=True)
+async def bump(self: AsyncSessionTask, name: str) -> int:
+    """Increments a counter; ``autocommit`` commits it."""
+    counter = await self.session.get(Counter, name)
+    if counter is None:
+        counter = Counter(name=name, value=0)
+        self.session.add(counter)
+    counter.value += 1
+    await self.session.flush()
+    return counter.value
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def nested(self: AsyncSessionTask, key: str) -> dict[str, Any]:
+    """Calls another task eagerly from inside its body."""
+    inner = outcome.apply(args=(key, "commit")).get(disable_sync_subtasks=False)
+    return {"inner": inner, "id": self.request.id, "notes": await count_notes(key)}
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def report_state(self: AsyncSessionTask) -> str:
+    self.update_state(state="PROGRESS", meta={"step": 1})
+    await asyncio.sleep(0)
+    return str(self.request.id)

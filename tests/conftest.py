@@ -1,0 +1,134 @@
+"""Shared fixtures: services (PostgreSQL, Redis), a database per test process, real workers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine
+
+from async_session_task.testing import WorkerProcess, worker_process
+from tests.apps import pg_app
+
+REQUIRE_SERVICES = os.environ.get("ASYNC_SESSION_TASK_REQUIRE_SERVICES") == "1"
+PG_ADMIN = "host=127.0.0.1 port=5432 user=root dbname=postgres"
+SERVICES = {"PostgreSQL": ("127.0.0.1", 5432), "Redis": ("127.0.0.1", 6379)}
+
+
+def _reachable(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    """Skip (or, with ASYNC_SESSION_TASK_REQUIRE_SERVICES=1, fail) without PostgreSQL/Redis."""
+    missing = [name for name, address in SERVICES.items() if not _reachable(address)]
+    if missing:
+        reason = f"{' and '.join(missing)} not reachable on 127.0.0.1"
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
+        pytest.skip(f"{reason} (service test)")
+
+
+@pytest.fixture(scope="session")
+def database_url(services: None) -> Iterator[str]:
+    """A fresh PostgreSQL database for this test process, with the test app's tables."""
+    name = f"ast_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name}")
+    engine = create_engine(f"postgresql+psycopg://root@127.0.0.1/{name}")
+    pg_app.Base.metadata.create_all(engine)
+    engine.dispose()
+    yield f"postgresql+asyncpg://root@127.0.0.1/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def pg_query(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    dsn = database_url.replace("postgresql+asyncpg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def connections_of(database_url: str, application_name: str) -> list[str]:
+    """States of the connections a worker holds (``application_name`` tags them)."""
+    rows = pg_query(
+        database_url,
+        "select coalesce(state, '') from pg_stat_activity where application_name = %s",
+        application_name,
+    )
+    return [row[0] for row in rows]
+
+
+class ServiceWorker:
+    """A real worker on Redis and PostgreSQL, its connections tagged with ``application_name``."""
+
+    def __init__(self, worker: WorkerProcess, application_name: str, database_url: str) -> None:
+        self.worker = worker
+        self.application_name = application_name
+        self.database_url = database_url
+
+    @property
+    def queue(self) -> str:
+        return self.worker.queue
+
+    def send(self, task: Any, *args: Any, **options: Any) -> Any:
+        return self.worker.send(task, *args, **options)
+
+    def connections(self) -> list[str]:
+        """States of this worker's PostgreSQL connections."""
+        return connections_of(self.database_url, self.application_name)
+
+
+StartWorker = Callable[..., contextlib.AbstractContextManager[ServiceWorker]]
+
+
+@pytest.fixture
+def start_worker(database_url: str) -> StartWorker:
+    """``with start_worker(pool="threads", concurrency=8) as w: w.send(task, ...)``."""
+
+    @contextlib.contextmanager
+    def start(
+        pool: str = "prefork",
+        concurrency: int = 2,
+        engine_options: dict[str, Any] | None = None,
+        module: str = "tests.apps.pg_app",
+        app: Any = None,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> Iterator[ServiceWorker]:
+        name = uuid.uuid4().hex[:12]
+        application_name = f"ast-{name}"
+        options = {
+            "connect_args": {"server_settings": {"application_name": application_name}},
+            **(engine_options or {}),
+        }
+        worker_env = {
+            "AST_DATABASE_URL": database_url,
+            "AST_ENGINE_OPTIONS": json.dumps(options),
+            **(env or {}),
+        }
+        with worker_process(
+            app or pg_app.app,
+            module,
+            pool=pool,
+            concurrency=concurrency,
+            env=worker_env,
+            args=args,
+            name=name,
+        ) as worker:
+            yield ServiceWorker(worker, application_name, database_url)
+
+    return start
