@@ -44,7 +44,8 @@ def services() -> None:
 @pytest.fixture(scope="session")
 def database_url(services: None) -> Iterator[str]:
     """A fresh PostgreSQL database for this test process, with the test app's tables."""
-    name = f"ast_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    # Unique per test process: parallel runs (xdist, or two checkouts) never share one.
+    name = f"ast_{os.getpid()}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.execute(f"CREATE DATABASE {name}")
