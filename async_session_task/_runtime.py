@@ -14,17 +14,17 @@ import asyncio
 import atexit
 import logging
 import os
-import sys
 import threading
 from collections.abc import Coroutine
 from contextvars import Context
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from celery import signals
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from . import _config
 from ._session import runs
+from ._waiters import LockWaiter, Waiter, hold_hub, original, waiter_class
 
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")
@@ -33,50 +33,6 @@ logger = logging.getLogger("async_session_task")
 CANCEL_GRACE = 10.0
 #: Seconds :func:`shutdown` waits for engines to be disposed.
 SHUTDOWN_GRACE = 10.0
-
-
-def _original(module: str, name: str) -> Any:
-    """The unpatched OS-level primitive, even when gevent or eventlet monkey-patched it.
-
-    The loop must run in a real OS thread: a loop in a greenlet makes every task greenlet see
-    a running loop, and its cross-thread wake-ups stall on recent CPython (TRAPS 14, 22).
-    """
-    if "gevent.monkey" in sys.modules:
-        from gevent import monkey
-
-        return monkey.get_original(module, name)
-    if "eventlet.patcher" in sys.modules:
-        from eventlet import patcher
-
-        return getattr(patcher.original(module), name)
-    return getattr(__import__(module), name)
-
-
-class Waiter(Protocol):
-    """Lets the calling thread (or greenlet) sleep until the loop says a run is done."""
-
-    def notify(self) -> None:
-        """Called once, on the loop thread."""
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until notified; False on timeout. Signal handlers may raise out of it."""
-
-
-class LockWaiter:
-    """For OS threads: a lock the loop releases. Acquiring it is interruptible by signals,
-    so prefork's soft time limit (SIGUSR1) still reaches the waiting main thread."""
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = _original("_thread", "allocate_lock")()
-        self._lock.acquire()
-
-    def notify(self) -> None:
-        self._lock.release()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return bool(self._lock.acquire(timeout=-1 if timeout is None else timeout))
 
 
 class Call:
@@ -120,25 +76,29 @@ class Call:
         return self._task.result()
 
 
-def new_waiter() -> Waiter:
-    return LockWaiter()
-
-
 class Runtime:
     """The event loop of this process, the thread that runs it, and what lives on it."""
 
+    loop: asyncio.AbstractEventLoop
+
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.loop = asyncio.new_event_loop()
         self.closed = False
         self._stopped = LockWaiter()
+        self.new_waiter = waiter_class()
         self._engines: dict[tuple[str, str], AsyncEngine] = {}
         self._makers: dict[type[Any], async_sessionmaker[Any]] = {}
         self._foreign: list[AsyncEngine] = []
-        _original("_thread", "start_new_thread")(self._serve, ())
+        started = LockWaiter()
+        original("_thread", "start_new_thread")(self._serve, (started,))
+        started.wait()
 
-    def _serve(self) -> None:
+    def _serve(self, started: LockWaiter) -> None:
+        # Made in its own thread: under gevent the selector belongs to this thread's hub.
+        self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
+        hub = hold_hub()  # noqa: F841  # kept alive for as long as the loop runs
+        started.notify()
         try:
             self.loop.run_forever()
         finally:
@@ -161,7 +121,7 @@ class Runtime:
                 "A blocking task call was made on the event loop thread: await the coroutine "
                 "instead, or call the task from the task body itself."
             )
-        waiter = new_waiter()
+        waiter = self.new_waiter()
         call = Call(coro, context, waiter)
         self.loop.call_soon_threadsafe(call.start)
         try:
@@ -219,7 +179,7 @@ class Runtime:
         self.closed = True
         engines = [*self._engines.values(), *self._foreign]
         if engines and self.loop.is_running():
-            waiter = new_waiter()
+            waiter = LockWaiter()  # blocking is right here: the worker is going away
             call = Call(_dispose(engines), Context(), waiter)
             self.loop.call_soon_threadsafe(call.start)
             if not waiter.wait(SHUTDOWN_GRACE):

@@ -1,0 +1,164 @@
+"""How a worker's thread or greenlet sleeps until the loop thread says a run is done.
+
+The loop always runs in a real OS thread; what differs is the caller:
+
+* OS threads (prefork, solo, threads): a plain lock, released by the loop thread.
+  Acquiring it is interruptible by signal handlers, so prefork's soft time limit (SIGUSR1)
+  still reaches a main thread that is waiting.
+* gevent: an ``async_`` watcher of the caller's hub, which the loop thread may ``send()``
+  to from outside; the greenlet waits on an Event and the hub keeps serving other
+  greenlets. ``future.result()`` or ``AsyncResult`` there fail with ``LoopExit`` (TRAPS 22).
+* eventlet: no thread-safe hub wake-up exists, and a native wait in a greenthread fails with
+  "Cannot switch to a different thread" (TRAPS 23). The loop thread writes a byte to a pipe;
+  one dispatcher greenthread, woken by the hub's own fd polling, wakes the waiters.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+from typing import Any, Protocol
+
+
+class Waiter(Protocol):
+    def notify(self) -> None:
+        """Called once, from the loop thread."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block the caller (cooperatively) until notified; False on timeout."""
+
+
+def original(module: str, name: str) -> Any:
+    """The unpatched primitive, even when gevent or eventlet monkey-patched it (TRAPS 14)."""
+    if "gevent.monkey" in sys.modules:
+        from gevent import monkey
+
+        return monkey.get_original(module, name)
+    if "eventlet.patcher" in sys.modules:
+        from eventlet import patcher
+
+        return getattr(patcher.original(module), name)
+    return getattr(__import__(module), name)
+
+
+class LockWaiter:
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = original("_thread", "allocate_lock")()
+        self._lock.acquire()
+
+    def notify(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return bool(self._lock.acquire(timeout=-1 if timeout is None else timeout))
+
+
+class GeventWaiter:
+    __slots__ = ("_event", "_watcher")
+
+    def __init__(self) -> None:
+        import gevent
+        from gevent.event import Event
+
+        self._event = Event()
+        self._watcher = gevent.get_hub().loop.async_()
+        self._watcher.start(self._event.set)
+
+    def notify(self) -> None:
+        self._watcher.send()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._event.wait(timeout):
+            return False  # the watcher stays open: the loop thread will still send to it
+        self._watcher.close()
+        return True
+
+
+class _EventletWakeups:
+    """One pipe per process; its dispatcher greenthread wakes the waiters the loop named."""
+
+    def __init__(self) -> None:
+        import eventlet
+
+        self._read, self._write = original("os", "pipe")()
+        os.set_blocking(self._read, False)
+        self._pending: collections.deque[Any] = collections.deque()  # appends are thread-safe
+        self._os_write = original("os", "write")
+        eventlet.spawn(self._dispatch)
+
+    def wake(self, event: Any) -> None:  # on the loop thread
+        self._pending.append(event)
+        self._os_write(self._write, b"\0")
+
+    def _dispatch(self) -> None:
+        from eventlet.hubs import trampoline
+
+        while True:
+            trampoline(self._read, read=True)
+            try:
+                os.read(self._read, 4096)
+            except BlockingIOError:
+                continue
+            while self._pending:
+                self._pending.popleft().send()
+
+
+_eventlet_wakeups: _EventletWakeups | None = None
+
+
+class EventletWaiter:
+    __slots__ = ("_event", "_wakeups")
+
+    def __init__(self) -> None:
+        from eventlet.event import Event
+
+        global _eventlet_wakeups
+        if _eventlet_wakeups is None:
+            _eventlet_wakeups = _EventletWakeups()
+        self._wakeups = _eventlet_wakeups
+        self._event = Event()
+
+    def notify(self) -> None:
+        self._wakeups.wake(self._event)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        import eventlet
+
+        with eventlet.Timeout(timeout, False):
+            self._event.wait()
+        return bool(self._event.ready())
+
+
+def hold_hub() -> Any:
+    """In the loop thread under gevent: keep that thread's hub from ending.
+
+    The patched selector waits on the thread's own gevent hub, which raises ``LoopExit``
+    ("This operation would block forever") once the asyncio loop is idle with no timer,
+    since the watchers it registers do not count. An open, referenced ``async_`` watcher
+    keeps the hub waiting. Returns what must be kept alive (None without gevent).
+    """
+    if waiter_class() is not GeventWaiter:
+        return None
+    import gevent
+
+    watcher = gevent.get_hub().loop.async_()
+    watcher.start(lambda: None)
+    return watcher
+
+
+def waiter_class() -> type[Waiter]:
+    """The waiter for this process, by what monkey-patched ``threading`` (if anything)."""
+    if "gevent.monkey" in sys.modules:
+        from gevent import monkey
+
+        if monkey.is_module_patched("threading"):
+            return GeventWaiter
+    if "eventlet.patcher" in sys.modules:
+        from eventlet import patcher
+
+        if patcher.is_monkey_patched("thread"):
+            return EventletWaiter
+    return LockWaiter
