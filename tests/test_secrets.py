@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,11 +20,14 @@ from sqlalchemy import text
 
 from async_session_task import AsyncSessionTask
 from async_session_task._config import Settings, check_worker_tasks
+from async_session_task.testing import worker_process
 from tests.apps import misconfigured_app
-from tests.conftest import StartWorker
+from tests.conftest import REQUIRE_SERVICES, StartWorker
+from tests.faults.services import SECRET_ROLE, PrivatePostgres, missing
 
 PASSWORD = f"Sup3rS3cretPw-{uuid.uuid4().hex[:10]}"
 URL = f"postgresql+asyncpg://root:{PASSWORD}@127.0.0.1:1/db"
+RIGHT_PASSWORD = f"Right-{uuid.uuid4().hex[:10]}"
 
 #: (settings as task options, the error the run fails with)
 CASES: dict[str, tuple[dict[str, Any], type[BaseException]]] = {
@@ -57,6 +61,22 @@ CASES: dict[str, tuple[dict[str, Any], type[BaseException]]] = {
     "connection refused": ({"async_session_url": URL}, OSError),
     "unknown host": ({"async_session_url": URL.replace("127.0.0.1:1", "no-such.invalid")}, OSError),
 }
+
+
+@pytest.fixture(scope="module")
+def scram_postgres(services: None) -> Iterator[PrivatePostgres]:
+    """A private cluster where SECRET_ROLE must give its password (scram-sha-256)."""
+    reason = missing()
+    if reason:
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
+        pytest.skip(reason)
+    postgres = PrivatePostgres()
+    try:
+        postgres.execute(f"CREATE ROLE {SECRET_ROLE} LOGIN PASSWORD '{RIGHT_PASSWORD}'")
+        yield postgres
+    finally:
+        postgres.destroy()
 
 
 def assert_hidden(*texts: str) -> None:
@@ -128,3 +148,35 @@ def test_real_worker_output_and_results_hide_the_password(start_worker: StartWor
     # ...and nothing the worker wrote or stored shows it.
     assert "Traceback" in log
     assert_hidden(log, repr(ok), *map(repr, outcomes.values()), *tracebacks)
+
+
+@pytest.mark.services
+@pytest.mark.timeout(180)
+def test_wrong_password_is_not_shown(scram_postgres: PrivatePostgres) -> None:
+    """Password authentication fails; neither password reaches the log or the result."""
+    url = f"postgresql+asyncpg://{SECRET_ROLE}@127.0.0.1:{scram_postgres.port}/faults"
+    with worker_process(
+        misconfigured_app.app,
+        "tests.apps.misconfigured_app",
+        concurrency=1,
+        env={"AST_DATABASE_URL": url, "AST_SECRET_PASSWORD": PASSWORD},
+    ) as worker:
+        failed = worker.send(misconfigured_app.connects)
+        error = failed.get(timeout=60, propagate=False)
+        assert worker.stop() == 0
+        log = worker.log
+    assert f'password authentication failed for user "{SECRET_ROLE}"' in str(error)
+    assert_hidden(log, repr(error), failed.traceback or "")
+    assert RIGHT_PASSWORD not in log
+
+
+def test_right_password_is_required(scram_postgres: PrivatePostgres) -> None:
+    """The check above means something: the role does authenticate, with its password."""
+    app = Celery(f"secrets-{uuid.uuid4().hex[:8]}", set_as_current=False)
+    url = f"postgresql+asyncpg://{SECRET_ROLE}:{RIGHT_PASSWORD}@127.0.0.1:{scram_postgres.port}"
+
+    @app.task(bind=True, base=AsyncSessionTask, shared=False, async_session_url=f"{url}/faults")
+    async def whoami(self: AsyncSessionTask) -> Any:
+        return await self.session.scalar(text("select current_user"))
+
+    assert whoami.apply().get() == SECRET_ROLE

@@ -1,0 +1,173 @@
+"""Loop-stall watchdog: a warning when something blocks the process's event loop.
+
+Every run of the process shares one loop, so a sync call inside an ``async def`` body
+(``time.sleep``, a sync driver, ``requests``, heavy CPU work) delays all of them. A monitor
+thread pings the loop (``call_soon_threadsafe``) every ``threshold / 2`` seconds; when a ping
+stays unanswered for ``threshold`` seconds it logs one warning for that stall, naming the run
+that holds the loop and the loop thread's stack (``sys._current_frames``), so the blocking
+line is in the log. When the loop answers again it logs how long the stall lasted.
+
+The threshold is the ``async_session_stall_threshold`` setting (seconds; default
+:data:`DEFAULT_THRESHOLD`; ``0`` turns the watchdog off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+import traceback
+import weakref
+from types import FrameType
+from typing import Any
+
+from ._session import Run
+from ._waiters import original
+
+logger = logging.getLogger("async_session_task")
+
+SETTING = "async_session_stall_threshold"
+#: Seconds the loop may stay unresponsive before a warning.
+DEFAULT_THRESHOLD = 1.0
+#: Innermost frames of the loop thread's stack shown in the warning.
+STACK_LIMIT = 12
+
+_watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Watchdog] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class Watchdog:
+    """Watches one loop from a real OS thread (not a greenlet: gevent's hub must not be the
+    one that notices the stall, and a patched ``time.sleep`` would need a hub of its own)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, threshold: float) -> None:
+        self.loop = loop
+        self.threshold = threshold
+        self.stalls = 0
+        self._loop_thread: int | None = None
+        self._allocate_lock = original("_thread", "allocate_lock")
+        self._get_ident = original("_thread", "get_ident")
+        self._stop = self._allocate_lock()
+        self._stop.acquire()
+
+    def start(self) -> Watchdog:
+        original("_thread", "start_new_thread")(self._watch, ())
+        return self
+
+    def stop(self) -> None:
+        """Let the monitor thread end (it also ends by itself once the loop is closed)."""
+        if self._stop.locked():
+            self._stop.release()
+
+    def _stopped(self, wait: float = 0.0) -> bool:
+        if self._stop.acquire(timeout=wait):
+            self._stop.release()
+            return True
+        return self.loop.is_closed()
+
+    def _watch(self) -> None:
+        interval = self.threshold / 2
+        while not self._stopped():
+            answered = self._allocate_lock()
+            answered.acquire()
+            try:
+                self.loop.call_soon_threadsafe(self._answer, answered)
+            except RuntimeError:  # the loop was closed
+                return
+            if not answered.acquire(timeout=self.threshold):
+                if not self.loop.is_running():
+                    if self._loop_thread is not None:
+                        return  # stopped, on its way to being closed
+                    continue  # not started yet: the ping waits in its queue
+                started = time.monotonic() - self.threshold
+                self.stalls += 1
+                self._warn()
+                # Once per stall: wait for this same ping before sending another.
+                while not answered.acquire(timeout=interval):
+                    if self._stopped() or not self.loop.is_running():
+                        return
+                logger.info(
+                    "The event loop of process %d answers again after %.1f s.",
+                    os.getpid(),
+                    time.monotonic() - started,
+                )
+            if self._stopped(interval):
+                return
+
+    def _answer(self, answered: Any) -> None:  # on the loop
+        self._loop_thread = self._get_ident()
+        answered.release()
+
+    def _warn(self) -> None:
+        frames = sys._current_frames()
+        # Until the loop answered a first ping, the thread id asyncio recorded in
+        # run_forever (a greenlet's id, not the thread's, under gevent's patching).
+        thread = self._loop_thread or getattr(self.loop, "_thread_id", None)
+        frame = frames.get(thread) if thread is not None else None
+        run = running(self.loop)
+        who = (
+            f"task {run.task.name}[{run.request.id}]"
+            if run is not None
+            else "code outside any task body"
+        )
+        logger.warning(
+            "The event loop of process %d has not answered for %.1f s: %s blocks it, so every "
+            "other run on this loop waits. Await instead of blocking (asyncio.sleep, an "
+            "async driver, or asyncio.to_thread for sync calls). The loop is at:\n%s",
+            os.getpid(),
+            self.threshold,
+            who,
+            _format(frame),
+        )
+
+
+def running(loop: asyncio.AbstractEventLoop) -> Run | None:
+    """The run whose coroutine holds ``loop`` right now, read from another thread.
+
+    The loop's current asyncio task runs ``_task._invoke(run, ...)``; its frame holds the run.
+    """
+    task = asyncio.current_task(loop)
+    coro = task.get_coro() if task is not None else None
+    frame = getattr(coro, "cr_frame", None)
+    if frame is None:
+        return None
+    for value in frame.f_locals.values():
+        if isinstance(value, Run):
+            return value
+    return None
+
+
+def _format(frame: FrameType | None) -> str:
+    if frame is None:
+        return "  (stack not available)\n"
+    return "".join(traceback.format_stack(frame, limit=STACK_LIMIT))
+
+
+def watch(loop: asyncio.AbstractEventLoop, threshold: float | None = None) -> Watchdog | None:
+    """Start watching ``loop`` (once per loop; later calls return the same watchdog).
+
+    ``threshold`` defaults to the ``async_session_stall_threshold`` setting of the current
+    Celery app. Returns None when the threshold is 0 (turned off).
+    """
+    watchdog = _watchdogs.get(loop)
+    if watchdog is not None:
+        return watchdog
+    if threshold is None:
+        from celery import current_app
+
+        configured = current_app.conf.get(SETTING)
+        threshold = DEFAULT_THRESHOLD if configured is None else float(configured)
+    if threshold <= 0:
+        return None
+    watchdog = _watchdogs[loop] = Watchdog(loop, threshold).start()
+    return watchdog
+
+
+def unwatch(loop: asyncio.AbstractEventLoop) -> None:
+    """Stop watching ``loop``, if it is watched."""
+    watchdog = _watchdogs.pop(loop, None)
+    if watchdog is not None:
+        watchdog.stop()
