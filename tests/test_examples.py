@@ -1,0 +1,229 @@
+"""Every example in ``examples/``, on real workers: SQLite with a filesystem broker (no server),
+and PostgreSQL with Redis.
+
+The examples read their database and broker from ``EXAMPLES_*`` variables at import; the test
+process talks to their workers through a client app with the same broker and result backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import MetaData, create_engine, text
+
+from async_session_task.testing import WorkerProcess, file_broker_settings, worker_process
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]
+REDIS = "redis://127.0.0.1:6379/0"
+WAIT = 90
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@dataclass
+class Variant:
+    """One way to run the examples: their environment, and a client app to reach them."""
+
+    backend: str
+    database_url: str
+    env: dict[str, str]
+    client: Celery
+
+    def create_tables(self, metadata: MetaData) -> None:
+        engine = create_engine(sync_url(self.database_url))
+        metadata.create_all(engine)
+        engine.dispose()
+
+    def query(self, sql: str, **params: Any) -> list[Any]:
+        engine = create_engine(sync_url(self.database_url))
+        try:
+            with engine.connect() as connection:
+                return list(connection.execute(text(sql), params))
+        finally:
+            engine.dispose()
+
+    @contextlib.contextmanager
+    def worker(self, module: str, pool: str = "threads") -> Iterator[WorkerProcess]:
+        """``celery -A module worker`` whose default queue is its own (for chords, retries)."""
+        name = uuid.uuid4().hex[:12]
+        env = {**self.env, "EXAMPLES_QUEUE": f"q-{name}", "PYTHONPATH": pythonpath()}
+        with worker_process(
+            self.client, module, pool=pool, concurrency=4, env=env, name=name
+        ) as worker:
+            yield worker
+            assert worker.stop() == 0, worker.log[-3000:]
+            assert worker.shutdown_problems() == [], worker.log[-3000:]
+
+    def send(self, worker: WorkerProcess, name: str, *args: Any) -> Any:
+        return self.client.send_task(name, args, queue=worker.queue)
+
+    def run_module(self, module: str, worker: WorkerProcess) -> Any:
+        """``python3 -m module`` next to the worker; its last line of output, as JSON."""
+        env = {**os.environ, **self.env, "EXAMPLES_QUEUE": worker.queue, "PYTHONPATH": pythonpath()}
+        process = subprocess.run(
+            [sys.executable, "-m", module],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+        assert process.returncode == 0, process.stdout + process.stderr + worker.log[-3000:]
+        return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def sync_url(url: str) -> str:
+    return url.replace("+aiosqlite", "").replace("+asyncpg", "+psycopg")
+
+
+def pythonpath() -> str:
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
+@pytest.fixture(scope="session")
+def sqlite_variant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Variant]:
+    state = tmp_path_factory.mktemp("examples")
+    client = Celery("examples-client", set_as_current=False)
+    client.conf.update(file_broker_settings(state))
+    url = f"sqlite+aiosqlite:///{state / 'examples.db'}"
+    yield Variant("sqlite", url, {"EXAMPLES_STATE_DIR": str(state)}, client)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def postgresql_variant(database_url: str) -> Iterator[Variant]:
+    client = Celery("examples-client", broker=REDIS, backend=REDIS, set_as_current=False)
+    env = {"EXAMPLES_DATABASE_URL": database_url, "EXAMPLES_BROKER_URL": REDIS}
+    yield Variant("postgresql", database_url, env, client)
+    client.close()
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request: pytest.FixtureRequest) -> Variant:
+    return request.getfixturevalue(f"{request.param}_variant")  # type: ignore[no-any-return]
+
+
+def test_shop_tasks_share_the_web_apps_sessionmaker(variant: Variant) -> None:
+    """The web side places three orders (its own loop and engine); the worker confirms them
+    with the same SessionLocal and repository: 5 in stock, 2 + 2 confirmed, 1 rejected."""
+    with variant.worker("examples.shop.tasks") as worker:
+        report = variant.run_module("examples.shop", worker)
+    assert [order["status"] for order in report["placed"]] == ["pending"] * 3
+    assert sorted(report["final"]) == ["confirmed", "confirmed", "rejected"]
+    stock = variant.query("select stock from shop_products where sku = :sku", sku=report["sku"])
+    assert stock == [(1,)]
+
+
+def test_retrying_backs_off_while_the_table_is_locked(variant: Variant) -> None:
+    """A real lock held by another connection makes the first attempt fail; once released,
+    a retry (with a new session) commits."""
+    from examples import retrying
+
+    variant.create_tables(retrying.Base.metadata)
+    sku = uuid.uuid4().hex[:12]
+    with variant.worker("examples.retrying") as worker:
+        with hold_lock(variant, sku):
+            result = variant.send(worker, "examples.retrying.restock", sku, 5)
+            wait_for_state(result, "RETRY")
+        report = result.get(timeout=WAIT)
+    assert report["sku"] == sku
+    assert report["retries"] >= 1
+    rows = variant.query("select quantity from retrying_stock where sku = :sku", sku=sku)
+    assert rows == [(15,)]
+
+
+@contextlib.contextmanager
+def hold_lock(variant: Variant, sku: str) -> Iterator[None]:
+    """Create the stock row, then lock it (SQLite: the whole database) until exit."""
+    if variant.backend == "sqlite":
+        path = variant.database_url.split(":///", 1)[1]
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as connection:
+            connection.execute("insert into retrying_stock values (?, 10)", (sku,))
+            connection.execute("begin immediate")  # the write lock, held
+            try:
+                yield
+            finally:
+                connection.execute("rollback")
+        return
+    dsn = variant.database_url.replace("postgresql+asyncpg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        setup.execute("insert into retrying_stock values (%s, 10)", (sku,))
+    with psycopg.connect(dsn) as connection:
+        connection.execute("select 1 from retrying_stock where sku = %s for update", (sku,))
+        try:
+            yield
+        finally:
+            connection.rollback()
+
+
+def wait_for_state(result: Any, state: str) -> None:
+    """Wait (on the result backend) until the task reports ``state``."""
+    deadline = time.monotonic() + WAIT
+    while result.state != state:
+        assert not result.ready(), f"{result.state}: {result.result!r}"
+        assert time.monotonic() < deadline, f"never reached {state}"
+        time.sleep(0.05)
+
+
+def test_soft_time_limit_keeps_committed_batches(variant: Variant) -> None:
+    """Prefork: the body is cancelled at its await; committed batches stay, the batch in
+    progress is rolled back, the connection is not left in a transaction."""
+    from examples import time_limits
+
+    variant.create_tables(time_limits.Base.metadata)
+    job = uuid.uuid4().hex[:12]
+    with variant.worker("examples.time_limits", pool="prefork") as worker:
+        result = variant.send(worker, "examples.time_limits.import_rows", job, 50, 0.1)
+        with pytest.raises(SoftTimeLimitExceeded):
+            result.get(timeout=WAIT)
+        rows = variant.query("select count(*) from time_limits_rows where job = :j", j=job)
+        imported = rows[0][0]
+        assert 0 < imported < 50 * time_limits.BATCH
+        assert imported % time_limits.BATCH == 0
+        if variant.backend == "postgresql":
+            states = variant.query(
+                "select state from pg_stat_activity"
+                " where datname = current_database() and pid <> pg_backend_pid()"
+            )
+            assert ("idle in transaction",) not in states, states
+        # The same worker process goes on: a short job finishes.
+        assert variant.send(worker, "examples.time_limits.import_rows", job, 2, 0).get(
+            timeout=WAIT
+        ) == (2 * time_limits.BATCH)
+
+
+def test_fanout_chord_gathers_every_result(variant: Variant) -> None:
+    with variant.worker("examples.fanout") as worker:
+        report = variant.run_module("examples.fanout", worker)
+    expected = sum(user * user % 97 for user in range(1, 51))
+    assert report["users"] == 50
+    assert report["total"] == report["stored"] == expected
+    rows = variant.query(
+        "select users, total from fanout_summaries where run = :r", r=report["run"]
+    )
+    assert rows == [(50, expected)]
+
+
+def test_no_examples_left_untested() -> None:
+    """Each module in examples/ has a test here (or in test_demo.py)."""
+    tested = {"demo", "settings", "shop", "retrying", "time_limits", "fanout"}
+    found = {p.stem for p in (ROOT / "examples").iterdir() if p.stem != "__init__"}
+    found.discard("__pycache__")
+    assert found <= tested, found - tested
