@@ -4,9 +4,9 @@ Define ``async_session_app`` in your ``conftest.py`` to return your Celery app; 
 
 * ``async_session_rollback``: in-process runs (``apply()``, eager mode) whose sessions share
   one connection per database, rolled back after the test
-  (:func:`async_session_task.testing.rollback_sessions`).
+  (``async_session_task.testing.rollback_sessions``).
 * ``async_session_worker``: a real ``celery worker`` subprocess for the app
-  (:func:`async_session_task.testing.worker_process`), stopped after the test, which fails
+  (``async_session_task.testing.worker_process``), stopped after the test, which fails
   if the worker did not shut down cleanly. Override ``async_session_worker_parameters``
   to choose the module (``celery -A``), pool, concurrency, environment.
 """

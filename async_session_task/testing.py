@@ -1,9 +1,9 @@
 """Helpers for testing ``AsyncSessionTask`` tasks.
 
-* :func:`rollback_sessions`: run tasks in the test process (``apply()``, eager mode, a direct
+* ``rollback_sessions``: run tasks in the test process (``apply()``, eager mode, a direct
   call) with every session bound to one connection whose transaction is rolled back at the
   end, so tests are isolated even when the tasks commit.
-* :func:`worker_process`: a real ``celery worker`` in a subprocess, on a queue of its own.
+* ``worker_process``: a real ``celery worker`` in a subprocess, on a queue of its own.
 
 The pytest plugin of this package (``async_session_task._pytest_plugin``, registered through
 the ``pytest11`` entry point) wraps both in fixtures.
@@ -77,7 +77,7 @@ def file_broker_settings(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 @dataclass
 class WorkerProcess:
-    """A running ``celery worker`` started by :func:`worker_process`."""
+    """A running ``celery worker`` started by ``worker_process``."""
 
     app: Any
     nodename: str
@@ -169,7 +169,7 @@ def worker_process(
 
 @dataclass
 class RollbackSessions:
-    """What :func:`rollback_sessions` yields: the connections and the session factories."""
+    """What ``rollback_sessions`` yields: the connections and the session factories."""
 
     #: One connection per database, open on the library's event loop, inside a transaction
     #: that is rolled back when the scope ends.

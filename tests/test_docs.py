@@ -1,0 +1,240 @@
+"""Every code example in ``docs/`` runs here: pages include Python only from files, and each
+of those files is executed below (``examples/`` by test_examples.py and test_demo.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+
+from async_session_task import AsyncSessionTask
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)[^\n]*\n(.*?)^\1\s*$", re.MULTILINE | re.DOTALL)
+SNIPPET = re.compile(r'^--8<--\s+"([^":]+)(?::[^"]*)?"\s*$')
+
+#: The files the tests below (and those of examples/) execute.
+EXECUTED = {
+    "docs/examples/quickstart.py",
+    "docs/examples/configuration.py",
+    "docs/examples/models.py",
+    "docs/examples/current_session.py",
+    "docs/examples/migrating_sync.py",
+    "docs/examples/migrating_asyncio_run.py",
+    "docs/examples/migrated.py",
+    "docs/examples/deployment.py",
+    "docs/examples/faq_different_loop.py",
+    "docs/examples/testing/conftest.py",
+    "docs/examples/testing/test_orders.py",
+    "examples/demo.py",
+    "examples/settings.py",
+    "examples/shop/db.py",
+    "examples/shop/models.py",
+    "examples/shop/repository.py",
+    "examples/shop/api.py",
+    "examples/shop/tasks.py",
+    "examples/shop/__main__.py",
+    "examples/retrying.py",
+    "examples/time_limits.py",
+    "examples/fanout.py",
+}
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    blocks = []
+    for page in sorted(DOCS.glob("*.md")):
+        for match in FENCE.finditer(page.read_text()):
+            if match.group(2) in {"python", "py", "pycon"}:
+                blocks.append((page.name, match.group(3)))
+    return blocks
+
+
+def test_every_python_example_in_the_docs_is_an_executed_file() -> None:
+    blocks = python_blocks()
+    assert blocks, "no Python examples found in docs/*.md"
+    included = set()
+    for page, body in blocks:
+        for line in body.strip().splitlines():
+            snippet = SNIPPET.match(line.strip())
+            assert snippet, f"{page}: inline Python; put it in docs/examples/ and include it"
+            included.add(snippet.group(1))
+    assert included <= EXECUTED, included - EXECUTED
+    missing = [path for path in EXECUTED if not (ROOT / path).is_file()]
+    assert not missing
+
+
+def sqlite(tmp_path: Path, name: str) -> tuple[str, str]:
+    """(asyncio URL, sync URL) of a new SQLite file."""
+    path = tmp_path / f"{name}.db"
+    return f"sqlite+aiosqlite:///{path}", f"sqlite:///{path}"
+
+
+def create_tables(sync_url: str, metadata: Any) -> None:
+    engine = create_engine(sync_url)
+    metadata.create_all(engine)
+    engine.dispose()
+
+
+def rows(sync_url: str, sql: str) -> list[Any]:
+    engine = create_engine(sync_url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(text(sql)))
+    finally:
+        engine.dispose()
+
+
+def test_quickstart(tmp_path: Path) -> None:
+    from docs.examples import quickstart
+
+    url, sync_url = sqlite(tmp_path, "quickstart")
+    quickstart.app.conf.async_session_url = url  # instead of the page's PostgreSQL
+    create_tables(sync_url, quickstart.Base.metadata)
+    with Session(create_engine(sync_url)) as session, session.begin():
+        session.add(quickstart.Book(id=1, title="Draft"))
+    assert quickstart.rename.apply(args=(1, "Final")).get() == "Final"
+    assert quickstart.inventory.apply().get() == "1 books"
+    assert rows(sync_url, "select title from books") == [("Final",)]
+
+
+def test_configuration_precedence(tmp_path: Path) -> None:
+    """app.conf for every task; the WarehouseTask class attribute beats it."""
+    from docs.examples import configuration
+
+    shop, shop_sync = sqlite(tmp_path, "shop")
+    warehouse, warehouse_sync = sqlite(tmp_path, "warehouse")
+    configuration.app.conf.update(
+        async_session_url=shop, async_session_engine_options={"pool_pre_ping": True}
+    )
+    configuration.WarehouseTask.async_session_url = warehouse
+    for sync_url in (shop_sync, warehouse_sync):
+        create_tables(sync_url, configuration.Base.metadata)
+    assert configuration.record.apply(args=("sold",)).get() == 1
+    assert configuration.record_in_warehouse.apply(args=("shipped",)).get() == 1
+    assert rows(shop_sync, "select name from events") == [("sold",)]
+    assert rows(warehouse_sync, "select name from events") == [("shipped",)]
+
+
+def test_current_session_and_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three versions of one task (sync, asyncio.run, this library) agree."""
+    from docs.examples import (
+        current_session,
+        migrated,
+        migrating_asyncio_run,
+        migrating_sync,
+        models,
+    )
+
+    url, sync_url = sqlite(tmp_path, "crm")
+    create_tables(sync_url, models.Base.metadata)
+    with Session(create_engine(sync_url)) as session, session.begin():
+        session.add(models.Customer(id=7, email="ada@example.com"))
+
+    engine = create_engine(sync_url)
+    migrating_sync.SyncSession.configure(bind=engine)
+    assert migrating_sync.customer_id.apply(args=("ada@example.com",)).get() == 7
+    engine.dispose()
+
+    monkeypatch.setattr(migrating_asyncio_run, "DATABASE_URL", url)
+    assert migrating_asyncio_run.customer_id.apply(args=("ada@example.com",)).get() == 7
+
+    migrated.app.conf.async_session_url = url
+    assert migrated.customer_id.apply(args=("ada@example.com",)).get() == 7
+
+    app = Celery("docs-current-session", set_as_current=False)
+    app.conf.async_session_url = url
+
+    @app.task(base=AsyncSessionTask, shared=False)
+    async def email_known(email: str) -> bool:
+        return await current_session.find_customer(email) is not None
+
+    assert email_known.apply(args=("ada@example.com",)).get() is True
+    assert email_known.apply(args=("bob@example.com",)).get() is False
+
+
+@pytest.mark.timeout(120)
+def test_the_testing_page_suite_passes(tmp_path: Path) -> None:
+    """docs/examples/testing: a user's conftest and tests, run as pytest would run them."""
+    env = {**os.environ, "EXAMPLES_STATE_DIR": str(tmp_path)}
+    for name in ("EXAMPLES_DATABASE_URL", "EXAMPLES_BROKER_URL", "EXAMPLES_QUEUE"):
+        env.pop(name, None)
+    process = subprocess.run(
+        [sys.executable, "-m", "pytest", "docs/examples/testing", "-p", "no:cacheprovider", "-q"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert "3 passed" in process.stdout
+
+
+@pytest.mark.services
+def test_deployment_engine_options(database_url: str) -> None:
+    """Both option sets are accepted by asyncpg; DIRECT's statement_timeout reaches the server."""
+    from docs.examples import deployment
+
+    app = Celery("docs-deployment", set_as_current=False)
+
+    class Direct(AsyncSessionTask):
+        abstract = True
+        async_session_url = database_url
+        async_session_engine_options = deployment.DIRECT
+
+    class Pooled(AsyncSessionTask):
+        abstract = True
+        async_session_url = database_url
+        async_session_engine_options = deployment.PGBOUNCER
+
+    @app.task(bind=True, base=Direct, shared=False)
+    async def timeout_setting(self: AsyncSessionTask) -> str:
+        return str(await self.session.scalar(text("show statement_timeout")))
+
+    @app.task(bind=True, base=Pooled, shared=False)
+    async def twice(self: AsyncSessionTask) -> list[int]:
+        query = text("select cast(:x as integer) + 1")
+        return [await self.session.scalar(query, {"x": x}) for x in (1, 1)]
+
+    assert timeout_setting.apply().get() == "25s"
+    assert twice.apply().get() == [2, 2]
+
+
+FAQ_RUN = """
+import sys
+from sqlalchemy.ext.asyncio import create_async_engine
+from docs.examples import faq_different_loop as faq
+faq.engine = create_async_engine(sys.argv[1])
+print("first:", faq.task_body())
+try:
+    faq.task_body()
+except RuntimeError as error:
+    print("second:", error)
+"""
+
+
+@pytest.mark.services
+def test_faq_different_loop_is_what_the_faq_says(database_url: str) -> None:
+    """In a process of its own: it leaves a connection of a closed loop behind, as the FAQ
+    says (TRAPS 10, 24)."""
+    process = subprocess.run(
+        [sys.executable, "-W", "always::ResourceWarning", "-c", FAQ_RUN, database_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "first: 1" in process.stdout, process.stdout + process.stderr
+    assert "attached to a different loop" in process.stdout, process.stdout + process.stderr
+    assert "unclosed connection" in process.stderr, process.stderr
