@@ -19,12 +19,16 @@ from collections.abc import Coroutine
 from contextvars import Context
 from typing import Any, TypeVar
 
+from billiard.exceptions import TimeLimitExceeded
+from billiard.process import current_process
 from celery import signals
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from . import _config
+from ._call import Call
 from ._session import runs
-from ._waiters import LockWaiter, Waiter, hold_hub, original, waiter_class
+from ._waiters import LockWaiter, hold_hub, original, waiter_class
 
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")
@@ -33,47 +37,6 @@ logger = logging.getLogger("async_session_task")
 CANCEL_GRACE = 10.0
 #: Seconds :func:`shutdown` waits for engines to be disposed.
 SHUTDOWN_GRACE = 10.0
-
-
-class Call:
-    """One coroutine submitted to the loop from another thread.
-
-    Unlike ``run_coroutine_threadsafe``, cancelling a :class:`Call` cancels the asyncio task
-    and the caller then waits for that task to finish, so the body's ``finally`` blocks and
-    the session cleanup have run before the caller moves on (TRAPS 17).
-    """
-
-    __slots__ = ("_cancelled", "_context", "_coro", "_task", "_waiter")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], context: Context, waiter: Waiter) -> None:
-        self._coro = coro
-        self._context = context
-        self._waiter = waiter
-        self._task: asyncio.Task[Any] | None = None
-        self._cancelled = False
-
-    def start(self) -> None:  # on the loop
-        if self._cancelled:
-            self._coro.close()
-            self._waiter.notify()
-            return
-        # A context per run (TRAPS 19): ContextVars never leak from one run to the next.
-        self._task = asyncio.get_running_loop().create_task(self._coro, context=self._context)
-        self._task.add_done_callback(self._done)
-
-    def _done(self, _: object) -> None:
-        self._waiter.notify()
-
-    def cancel(self) -> None:  # on the loop
-        if self._task is None:
-            self._cancelled = True
-        else:
-            self._task.cancel()
-
-    def result(self) -> Any:
-        if self._task is None:
-            raise asyncio.CancelledError
-        return self._task.result()
 
 
 class Runtime:
@@ -86,6 +49,9 @@ class Runtime:
         self.closed = False
         self._stopped = LockWaiter()
         self.new_waiter = waiter_class()
+        # Prefork children enforce time limits themselves (SIGUSR1, then SIGKILL); on
+        # every other pool, and in solo, the library enforces them for async bodies.
+        self.pool_enforces_limits = current_process().name.startswith("ForkPoolWorker")
         self._engines: dict[tuple[str, str], AsyncEngine] = {}
         self._makers: dict[type[Any], async_sessionmaker[Any]] = {}
         self._foreign: list[AsyncEngine] = []
@@ -108,12 +74,21 @@ class Runtime:
         """True in the loop's own thread, where blocking on the loop would deadlock."""
         return asyncio._get_running_loop() is self.loop
 
-    def call(self, coro: Coroutine[Any, Any, T], context: Context) -> T:
+    def call(
+        self,
+        coro: Coroutine[Any, Any, T],
+        context: Context,
+        *,
+        name: str = "task",
+        time_limit: float | None = None,
+    ) -> T:
         """Run ``coro`` on the loop in ``context`` and block (cooperatively) for its result.
 
-        If the wait is interrupted (soft time limit, ``gevent.Timeout``, ``KeyboardInterrupt``),
-        the coroutine is cancelled at its current await and given :data:`CANCEL_GRACE` seconds
-        to finish its cleanup; then the interruption is re-raised (TRAPS 13).
+        If the wait is interrupted (prefork's soft time limit, ``gevent.Timeout``, a killed
+        greenlet, ``KeyboardInterrupt``), or lasts longer than ``time_limit`` seconds, the
+        coroutine is cancelled at its current await and given :data:`CANCEL_GRACE` seconds
+        to finish its cleanup (TRAPS 13, 17). Then the interruption is re-raised, or
+        ``TimeLimitExceeded`` raised for ``time_limit``.
         """
         if self.on_loop():
             coro.close()
@@ -121,17 +96,18 @@ class Runtime:
                 "A blocking task call was made on the event loop thread: await the coroutine "
                 "instead, or call the task from the task body itself."
             )
-        waiter = self.new_waiter()
-        call = Call(coro, context, waiter)
+        call = Call(self.loop, coro, context, self.new_waiter())
         self.loop.call_soon_threadsafe(call.start)
         try:
-            waiter.wait()
+            if not call.wait(time_limit):
+                raise TimeLimitExceeded(time_limit)
         except BaseException:
             self.loop.call_soon_threadsafe(call.cancel)
-            if not waiter.wait(CANCEL_GRACE):
+            if not call.wait(CANCEL_GRACE):
                 logger.warning(
-                    "A cancelled task body is still running %.0f s later; it ignores "
-                    "asyncio.CancelledError. Its session stays open until it ends.",
+                    "%s: its cancelled body is still running %.0f s later (it ignores "
+                    "asyncio.CancelledError); its session stays open until it ends.",
+                    name,
                     CANCEL_GRACE,
                 )
             raise
@@ -179,10 +155,10 @@ class Runtime:
         self.closed = True
         engines = [*self._engines.values(), *self._foreign]
         if engines and self.loop.is_running():
-            waiter = LockWaiter()  # blocking is right here: the worker is going away
-            call = Call(_dispose(engines), Context(), waiter)
+            # A blocking wait is right here: the worker is going away.
+            call = Call(self.loop, _dispose(engines), Context(), LockWaiter())
             self.loop.call_soon_threadsafe(call.start)
-            if not waiter.wait(SHUTDOWN_GRACE):
+            if not call.wait(SHUTDOWN_GRACE):
                 logger.warning("Engines were not disposed within %.0f s.", SHUTDOWN_GRACE)
         self.loop.call_soon_threadsafe(self.loop.stop)
         if self._stopped.wait(SHUTDOWN_GRACE):
@@ -237,9 +213,65 @@ def shutdown(**_: Any) -> None:
         runtime.close()
 
 
+def check_pool_capacity(sender: Any = None, **_: Any) -> None:
+    """``worker_init``: warn once when one process runs more tasks at once than its engine
+    can give connections to (threads, gevent, eventlet; prefork and solo run one at a time)."""
+    from ._task import AsyncSessionTask  # _task imports this module
+
+    pool_module = getattr(getattr(sender, "pool_cls", None), "__module__", "") or ""
+    concurrency = getattr(sender, "concurrency", None)
+    if not concurrency or pool_module.endswith(("prefork", "solo")):
+        return
+    warned: set[tuple[Any, ...]] = set()
+    for task in sender.app.tasks.values():
+        if not isinstance(task, AsyncSessionTask):
+            continue
+        try:
+            settings = _config.Settings.of(task)
+            capacity, where = _capacity(settings)
+        except Exception:  # misconfiguration is reported by _config.check_worker_tasks
+            continue
+        if capacity is None or capacity >= concurrency or where in warned:
+            continue
+        warned.add(where)
+        logger.warning(
+            "The connection pool holds at most %d connections, but this worker runs up to "
+            "%d tasks at once in one process: runs will wait for a connection (and fail "
+            "after pool_timeout). Raise pool_size/max_overflow in %s to %d or more.",
+            capacity,
+            concurrency,
+            "async_session_engine_options" if settings.maker is None else "your engine",
+            concurrency,
+        )
+
+
+def _capacity(settings: _config.Settings) -> tuple[int | None, tuple[Any, ...]]:
+    """Most connections the settings' engine pool hands out (None: unbounded or unknown)."""
+    if settings.maker is None:
+        options = settings.engine_options
+        if "poolclass" in options or str(settings.url or "").startswith("sqlite"):
+            return None, ()
+        # QueuePool's defaults; a negative max_overflow means no limit.
+        size, overflow = options.get("pool_size", 5), options.get("max_overflow", 10)
+        key: tuple[Any, ...] = settings.engine_key()
+    else:
+        maker = _config.resolve_maker(settings)
+        engines = _engines_of(maker)
+        if len(engines) != 1 or not isinstance(engines[0].pool, QueuePool):
+            return None, ()
+        pool = engines[0].pool
+        # QueuePool keeps its overflow limit private; size() is public.
+        size, overflow = pool.size(), getattr(pool, "_max_overflow", -1)
+        key = (id(engines[0]),)
+    if overflow < 0:
+        return None, ()
+    return int(size) + int(overflow), key
+
+
 # No single hook fires for every pool (TRAPS 12): prefork children that exit normally send
 # worker_process_shutdown; the main process sends worker_shutdown (solo, threads, gevent,
 # eventlet); atexit covers scripts and the in-process test worker.
 signals.worker_process_shutdown.connect(shutdown, weak=False)
 signals.worker_shutdown.connect(shutdown, weak=False)
+signals.worker_init.connect(check_pool_capacity, weak=False)
 atexit.register(shutdown)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Task, signals
 from celery.exceptions import Retry
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import _bridge
-from ._runtime import get_runtime
+from ._call import in_worker
+from ._runtime import Runtime, get_runtime
 from ._session import Run, current_run, runs
 
 
@@ -107,6 +110,7 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         """Create this run's session."""
         request = self.request
         runs.add(Run(self, request, get_runtime().maker_for(self)()))
+        _forward_publishing(self.app)
 
     def after_return(self, *args: Any, **kwargs: Any) -> None:
         """Forget this run's session; the run closed it already. Idempotent.
@@ -129,6 +133,10 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         result: Retry = super().retry(*args, **kwargs)
         return result
 
+    def update_state(self, *args: Any, **kwargs: Any) -> None:
+        """Celery's ``Task.update_state``; from the body, run by the worker's thread."""
+        in_worker(super().update_state, *args, **kwargs)
+
     def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         request = self.request
         run = runs.get(request)
@@ -144,7 +152,8 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                     "an AsyncSessionTask body must be 'async def'."
                 )
             runtime = get_runtime()
-            invocation = _invoke(run, body, self.autocommit)
+            soft, hard = self._time_limits(request, runtime)
+            invocation = _invoke(run, body, self.autocommit, soft)
             if runtime.on_loop():
                 # A nested eager call from inside a body (TRAPS 16).
                 if not _bridge.in_body():
@@ -154,18 +163,47 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                         "body; await it from the body instead."
                     )
                 return _bridge.await_in_body(invocation)
-            return runtime.call(invocation, contextvars.copy_context())
+            return runtime.call(
+                invocation, contextvars.copy_context(), name=self.name, time_limit=hard
+            )
         except _DeferredRetry as deferred:
             raise super().retry(*deferred.retry_args, **deferred.retry_kwargs) from None
         finally:
             if owned:
                 runs.discard(request)
 
+    def _time_limits(self, request: Any, runtime: Runtime) -> tuple[float | None, float | None]:
+        """(soft, hard) limits in seconds the library enforces for this run, if any.
 
-async def _invoke(run: Run, body: Coroutine[Any, Any, Any], autocommit: bool) -> Any:
+        Prefork children enforce both themselves; threads, solo, gevent and eventlet have
+        no soft limit (gevent only a hard one), so there the library applies them on the loop.
+        Eager and direct calls run unlimited, as Celery runs them.
+        """
+        if runtime.pool_enforces_limits or request.is_eager or request.called_directly:
+            return None, None
+        hard, soft = request.timelimit or (None, None)
+        conf = self.app.conf
+        soft = soft or self.soft_time_limit or conf.task_soft_time_limit
+        hard = hard or self.time_limit or conf.task_time_limit
+        return soft, hard
+
+
+async def _invoke(
+    run: Run, body: Coroutine[Any, Any, Any], autocommit: bool, soft_time_limit: float | None
+) -> Any:
     token = current_run.set(run)
     try:
-        result = await _bridge.drive(body)
+        if soft_time_limit is None:
+            result = await _bridge.drive(body)
+        else:
+            limit = asyncio.timeout(soft_time_limit)
+            try:
+                async with limit:
+                    result = await _bridge.drive(body)
+            except TimeoutError:
+                if not limit.expired():
+                    raise  # the body's own TimeoutError
+                raise SoftTimeLimitExceeded(soft_time_limit) from None
         if autocommit:
             await run.session.commit()
         return result
@@ -187,6 +225,20 @@ def _sync_run(function: Callable[..., Any], *, bound: bool) -> Callable[..., Any
         signature = signature.replace(parameters=[self_parameter, *signature.parameters.values()])
     run.__signature__ = signature  # type: ignore[attr-defined]  # read by inspect.signature
     return run
+
+
+def _forward_publishing(app: Any) -> None:
+    """Have ``app.send_task`` (every ``delay``, ``apply_async`` and canvas) called from a
+    body run by the worker's thread or greenlet (see :class:`~._call.Call`). Idempotent."""
+    if "send_task" in vars(app):
+        return
+    send_task = app.send_task
+
+    @functools.wraps(send_task)
+    def forwarded(*args: Any, **kwargs: Any) -> Any:
+        return in_worker(send_task, *args, **kwargs)
+
+    app.send_task = forwarded
 
 
 def _forget(sender: Any = None, **_: Any) -> None:

@@ -22,8 +22,10 @@ from typing import Any, Protocol
 
 
 class Waiter(Protocol):
+    """A wake-up the loop thread can give a worker thread or greenlet, any number of times."""
+
     def notify(self) -> None:
-        """Called once, from the loop thread."""
+        """Called from the loop thread; wakes the waiter (several calls may merge into one)."""
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block the caller (cooperatively) until notified; False on timeout."""
@@ -43,6 +45,8 @@ def original(module: str, name: str) -> Any:
 
 
 class LockWaiter:
+    """A binary semaphore: only the loop thread releases it, only the caller acquires it."""
+
     __slots__ = ("_lock",)
 
     def __init__(self) -> None:
@@ -50,7 +54,8 @@ class LockWaiter:
         self._lock.acquire()
 
     def notify(self) -> None:
-        self._lock.release()
+        if self._lock.locked():
+            self._lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         return bool(self._lock.acquire(timeout=-1 if timeout is None else timeout))
@@ -71,10 +76,12 @@ class GeventWaiter:
         self._watcher.send()
 
     def wait(self, timeout: float | None = None) -> bool:
-        if not self._event.wait(timeout):
-            return False  # the watcher stays open: the loop thread will still send to it
+        woken = bool(self._event.wait(timeout))
+        self._event.clear()  # before the caller looks at what changed: no wake-up is lost
+        return woken
+
+    def __del__(self) -> None:
         self._watcher.close()
-        return True
 
 
 class _EventletWakeups:
@@ -89,8 +96,8 @@ class _EventletWakeups:
         self._os_write = original("os", "write")
         eventlet.spawn(self._dispatch)
 
-    def wake(self, event: Any) -> None:  # on the loop thread
-        self._pending.append(event)
+    def wake(self, queue: Any) -> None:  # on the loop thread
+        self._pending.append(queue)
         self._os_write(self._write, b"\0")
 
     def _dispatch(self) -> None:
@@ -103,33 +110,37 @@ class _EventletWakeups:
             except BlockingIOError:
                 continue
             while self._pending:
-                self._pending.popleft().send()
+                self._pending.popleft().put(None)
 
 
 _eventlet_wakeups: _EventletWakeups | None = None
 
 
 class EventletWaiter:
-    __slots__ = ("_event", "_wakeups")
+    __slots__ = ("_queue", "_wakeups")
 
     def __init__(self) -> None:
-        from eventlet.event import Event
+        from eventlet.queue import LightQueue
 
         global _eventlet_wakeups
         if _eventlet_wakeups is None:
             _eventlet_wakeups = _EventletWakeups()
         self._wakeups = _eventlet_wakeups
-        self._event = Event()
+        self._queue = LightQueue()
 
     def notify(self) -> None:
-        self._wakeups.wake(self._event)
+        self._wakeups.wake(self._queue)
 
     def wait(self, timeout: float | None = None) -> bool:
-        import eventlet
+        from eventlet.queue import Empty
 
-        with eventlet.Timeout(timeout, False):
-            self._event.wait()
-        return bool(self._event.ready())
+        try:
+            self._queue.get(timeout=timeout)
+        except Empty:
+            return False
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        return True
 
 
 def hold_hub() -> Any:

@@ -95,8 +95,10 @@ class WorkerProcess:
         return any(self.nodename in reply for reply in replies)
 
     def send(self, task: Any, *args: Any, **options: Any) -> Any:
-        """``task.apply_async(args, queue=<this worker's queue>, **options)``."""
-        return task.apply_async(args, queue=self.queue, **options)
+        """Send ``task`` (or a task name) with ``args`` to this worker's queue, through
+        ``app``'s broker (which may differ from the broker the task's own app uses)."""
+        name = task if isinstance(task, str) else task.name
+        return self.app.send_task(name, args, queue=self.queue, **options)
 
     def child_pids(self) -> list[int]:
         stats = self.app.control.inspect(destination=[self.nodename], timeout=2).stats() or {}

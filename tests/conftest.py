@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -12,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from celery import Celery
 from sqlalchemy import create_engine
 
 from async_session_task.testing import WorkerProcess, worker_process
@@ -20,6 +22,28 @@ from tests.apps import pg_app
 REQUIRE_SERVICES = os.environ.get("ASYNC_SESSION_TASK_REQUIRE_SERVICES") == "1"
 PG_ADMIN = "host=127.0.0.1 port=5432 user=root dbname=postgres"
 SERVICES = {"PostgreSQL": ("127.0.0.1", 5432), "Redis": ("127.0.0.1", 6379)}
+
+
+BROKERS = {
+    "redis": "redis://127.0.0.1:6379/0",
+    "amqp": "amqp://guest:guest@127.0.0.1:5672//",
+}
+SERVICES_OPTIONAL = {"RabbitMQ": ("127.0.0.1", 5672)}
+
+
+def require(name: str, address: tuple[str, int]) -> None:
+    """Skip (or, when services are required, fail) unless ``name`` answers at ``address``."""
+    if not _reachable(address):
+        reason = f"{name} not reachable on {address[0]}:{address[1]}"
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
+        pytest.skip(f"{reason} (service test)")
+
+
+@functools.cache
+def client_app(broker_url: str) -> Celery:
+    """An app that sends tasks (by name) and pings workers through ``broker_url``."""
+    return Celery("client", broker=broker_url, backend=BROKERS["redis"], set_as_current=False)
 
 
 def _reachable(address: tuple[str, int]) -> bool:
@@ -109,7 +133,11 @@ def start_worker(database_url: str) -> StartWorker:
         app: Any = None,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
+        broker: str = "redis",
     ) -> Iterator[ServiceWorker]:
+        if broker != "redis":
+            require("RabbitMQ", SERVICES_OPTIONAL["RabbitMQ"])
+            app = client_app(BROKERS[broker])
         name = uuid.uuid4().hex[:12]
         application_name = f"ast-{name}"
         options = {
@@ -117,6 +145,7 @@ def start_worker(database_url: str) -> StartWorker:
             **(engine_options or {}),
         }
         worker_env = {
+            "AST_BROKER_URL": BROKERS[broker],
             "AST_DATABASE_URL": database_url,
             "AST_ENGINE_OPTIONS": json.dumps(options),
             **(env or {}),

@@ -40,7 +40,6 @@ app = Celery(
 app.conf.update(
     async_session_maker="tests.apps.maker_app:SessionLocal",
     broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
 )
 
 

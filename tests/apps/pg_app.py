@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,8 @@ from sqlalchemy import Integer, String, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from async_session_task import AsyncSessionTask, current_session
+
+logger = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -47,7 +50,6 @@ app.conf.update(
     task_default_queue=os.environ.get("AST_QUEUE", "celery"),
     result_expires=600,
     broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
 )
 
 
@@ -73,6 +75,7 @@ async def probe(self: AsyncSessionTask, delay: float = 0.0) -> dict[str, Any]:
         "current_session_same": current_session() is session,
         "run_sync_request_id": in_run_sync,
         "retries": self.request.retries,
+        "parent_id": self.request.parent_id,
         "routing_key": (self.request.delivery_info or {}).get("routing_key"),
         "pid": os.getpid(),
         "backend_pid": backend_pid,
@@ -141,3 +144,42 @@ async def report_state(self: AsyncSessionTask) -> str:
     self.update_state(state="PROGRESS", meta={"step": 1})
     await asyncio.sleep(0)
     return str(self.request.id)
+
+
+@app.task(bind=True, base=AsyncSessionTask, soft_time_limit=1, time_limit=60)
+async def sleepy(self: AsyncSessionTask, key: str, seconds: float) -> str:
+    """Holds an open transaction past its soft time limit."""
+    self.session.add(Note(key=key, text="sleepy"))
+    await self.session.flush()
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        logger.warning("sleepy %s: cancelled at its await", key)
+        raise
+    finally:
+        logger.warning("sleepy %s: finally ran", key)
+    return "woke"
+
+
+@app.task(bind=True, base=AsyncSessionTask, time_limit=1)
+async def stubborn(self: AsyncSessionTask, key: str, seconds: float) -> str:
+    """Past its hard limit, and it swallows the first cancellation."""
+    self.session.add(Note(key=key, text="stubborn"))
+    await self.session.flush()
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        logger.warning("stubborn %s: ignoring cancellation", key)
+    await asyncio.sleep(seconds)
+    return "done"
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def fan_out(self: AsyncSessionTask, count: int) -> list[str]:
+    """Publishes tasks and a state update from inside the body."""
+    self.update_state(state="PROGRESS", meta={"count": count})
+    children = [
+        probe.apply_async(queue=self.request.delivery_info["routing_key"]) for _ in range(count)
+    ]
+    await asyncio.sleep(0)
+    return [child.id for child in children]

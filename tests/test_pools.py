@@ -1,0 +1,167 @@
+"""The pool matrix: every stock pool on Redis and on RabbitMQ, with time limits and revoke."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery import group
+
+from tests.apps import pg_app
+from tests.conftest import ServiceWorker, StartWorker
+from tests.test_worker import assert_clean_stop, assert_no_open_transaction, notes
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
+
+POOLS = ["prefork", "solo", "threads", "gevent", "eventlet"]
+WAIT = 90
+
+
+def key() -> str:
+    return uuid.uuid4().hex
+
+
+def concurrency_of(pool: str) -> int:
+    return {"prefork": 2, "solo": 1, "threads": 4}.get(pool, 10)
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("pool", POOLS)
+def test_pool_matrix(start_worker: StartWorker, pool: str, broker: str) -> None:
+    """Isolation, request, retries, every outcome's cleanup, publishing from a body, and a
+    clean shutdown, on each pool and broker."""
+    with start_worker(pool=pool, concurrency=concurrency_of(pool), broker=broker) as worker:
+        probes = [worker.send(pg_app.probe, 0.05) for _ in range(12)]
+        for result in probes:
+            report = result.get(timeout=WAIT)
+            assert report["before"]["id"] == report["after"]["id"] == result.id
+            assert report["before"]["session"] == report["after"]["session"]
+            assert report["run_sync_request_id"] == result.id
+        keys = {how: key() for how in ("commit", "error", "retry", "ignore", "reject")}
+        outcomes = {how: worker.send(pg_app.outcome, k, how) for how, k in keys.items()}
+        assert outcomes["commit"].get(timeout=WAIT) == 1
+        assert outcomes["retry"].get(timeout=WAIT) == 2
+        with pytest.raises(ValueError, match="failed on purpose"):
+            outcomes["error"].get(timeout=WAIT)
+        retried = key()
+        with pytest.raises(ValueError, match=retried):
+            worker.send(pg_app.flaky, retried).get(timeout=WAIT)
+        # A body that publishes tasks and updates its state: the worker's thread does it,
+        # so the children know their parent.
+        parent = worker.send(pg_app.fan_out, 3)
+        for child in parent.get(timeout=WAIT):
+            report = worker.worker.app.AsyncResult(child).get(timeout=WAIT)
+            assert report["before"]["id"] == child
+            assert report["parent_id"] == parent.id
+        worker.send(pg_app.probe).get(timeout=WAIT)  # Ignore/Reject have run by now
+        for how, k in keys.items():
+            assert notes(worker, k) == (["commit:0"] if how == "commit" else []), how
+        assert notes(worker, retried) == []
+        assert_no_open_transaction(worker)
+        assert_clean_stop(worker)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_soft_time_limit_cancels_and_rolls_back(start_worker: StartWorker, pool: str) -> None:
+    """The body is cancelled at its await, its finally runs, its work is rolled back; Celery
+    sees SoftTimeLimitExceeded; the same process then serves the next task (TRAPS 13)."""
+    with start_worker(pool=pool, concurrency=concurrency_of(pool)) as worker:
+        k = key()
+        result = worker.send(pg_app.sleepy, k, 30)
+        with pytest.raises(SoftTimeLimitExceeded):
+            result.get(timeout=WAIT)
+        assert notes(worker, k) == []
+        log = worker.worker.log
+        assert f"sleepy {k}: cancelled at its await" in log
+        assert f"sleepy {k}: finally ran" in log
+        after = [worker.send(pg_app.probe).get(timeout=WAIT) for _ in range(4)]
+        assert all(report["current_session_same"] for report in after)
+        assert "another operation is in progress" not in worker.worker.log
+        assert_no_open_transaction(worker)
+        assert_clean_stop(worker)
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo", "eventlet"])
+def test_hard_time_limit_on_pools_without_one(start_worker: StartWorker, pool: str) -> None:
+    """A body that swallows cancellation is reported at its hard limit, not waited for."""
+    with start_worker(pool=pool, concurrency=concurrency_of(pool)) as worker:
+        k = key()
+        with pytest.raises(TimeLimitExceeded):
+            worker.send(pg_app.stubborn, k, 12).get(timeout=WAIT)
+        assert "pg_app.stubborn: its cancelled body is still running" in worker.worker.log
+        assert worker.send(pg_app.probe).get(timeout=WAIT)["current_session_same"]
+        assert_clean_stop(worker)
+
+
+def test_hard_time_limit_on_prefork_replaces_the_child(start_worker: StartWorker) -> None:
+    """TRAPS 3: the child is killed; the parent's after_return has no session and copes."""
+    with start_worker(pool="prefork", concurrency=1) as worker:
+        first_child = worker.worker.child_pids()
+        k = key()
+        with pytest.raises(TimeLimitExceeded):
+            worker.send(pg_app.stubborn, k, 30).get(timeout=WAIT)
+        report = worker.send(pg_app.probe).get(timeout=WAIT)
+        assert report["pid"] not in first_child
+        assert notes(worker, k) == []
+        assert "after_return handler raised" not in worker.worker.log
+        assert_clean_stop(worker)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent", "eventlet"])
+def test_revoke_terminate_stops_the_body(start_worker: StartWorker, pool: str) -> None:
+    """revoke(terminate=True): prefork kills the child; gevent/eventlet kill the greenlet,
+    and the library cancels the coroutine and rolls its transaction back."""
+    with start_worker(pool=pool, concurrency=concurrency_of(pool)) as worker:
+        k = key()
+        result = worker.send(pg_app.sleepy, k, 30, soft_time_limit=60)
+        wait_until_started(worker, k)
+        worker.worker.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
+        with pytest.raises(Exception, match=r"(?i)revoked|terminated|SIGKILL"):
+            result.get(timeout=WAIT)
+        assert worker.send(pg_app.probe).get(timeout=WAIT)["current_session_same"]
+        assert notes(worker, k) == []
+        if pool != "prefork":
+            assert f"sleepy {k}: cancelled at its await" in worker.worker.log
+        assert_no_open_transaction(worker)
+        assert_clean_stop(worker)
+
+
+def wait_until_started(worker: ServiceWorker, k: str) -> None:
+    """Until the body holds its open transaction (the note is visible as in-flight)."""
+    from tests.conftest import pg_query
+
+    for _ in range(600):
+        rows = pg_query(
+            worker.database_url,
+            "select count(*) from pg_stat_activity where application_name = %s "
+            "and state = 'idle in transaction'",
+            worker.application_name,
+        )
+        if rows[0][0]:
+            return
+        worker.worker.ping(timeout=0.05)  # a bounded pause that also checks the worker
+    raise AssertionError(f"{k} never started")
+
+
+def test_max_tasks_per_child_leaves_no_connections(start_worker: StartWorker) -> None:
+    """Recycled children dispose their engines; new children get a fresh loop and engine."""
+    with start_worker(pool="prefork", concurrency=2, args=("--max-tasks-per-child", "5")) as w:
+        reports: list[dict[str, Any]] = (
+            group(pg_app.probe.s() for _ in range(40)).apply_async(queue=w.queue).get(timeout=WAIT)
+        )
+        assert len({report["pid"] for report in reports}) >= 8
+        # Only live children may hold connections: at most one each.
+        assert len(w.connections()) <= 2
+        assert_clean_stop(w)
+
+
+def test_threads_pool_warns_when_engine_pool_is_too_small(start_worker: StartWorker) -> None:
+    with start_worker(
+        pool="threads", concurrency=8, engine_options={"pool_size": 2, "max_overflow": 1}
+    ) as worker:
+        assert worker.send(pg_app.probe).get(timeout=WAIT)["current_session_same"]
+        log = worker.worker.log
+        assert log.count("connection pool holds at most 3 connections") == 1
+        assert_clean_stop(worker)
