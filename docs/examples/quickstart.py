@@ -1,7 +1,3 @@
-"""The 30-second example: an ``async def`` body, its own session, an existing ORM layer."""
-
-from __future__ import annotations
-
 from celery import Celery
 from sqlalchemy import String, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
