@@ -1,4 +1,4 @@
-"""Development tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``."""
+"""Development tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s bench``."""
 
 from __future__ import annotations
 
@@ -44,3 +44,13 @@ def typecheck(session: nox.Session) -> None:
     install_test(session)
     session.install(".[typecheck]")
     session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The benchmark (docs/performance.md); needs PostgreSQL and Redis.
+
+    Options go after ``--``, e.g. ``nox -s bench -- --rounds 3 --tasks 300`` (``--help``).
+    """
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,0 +1,146 @@
+"""``python -m benchmarks``: run every workload, print the table, write JSON and the docs page.
+
+Needs PostgreSQL and Redis (``AST_BENCH_ADMIN_URL``, ``AST_BENCH_BROKER``; defaults on
+127.0.0.1). A database ``ast_bench_<pid>`` is created for the run and dropped after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import _db, _machine, _report
+from benchmarks._workers import IMPLEMENTATIONS, WORKLOADS, Driver, run_workload
+
+ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger("benchmarks")
+
+
+def _names(text: str, known: list[str]) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown: {', '.join(unknown)} (known: {', '.join(known)})"
+        )
+    return names
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per workload")
+    parser.add_argument("--tasks", type=int, default=300, help="tasks per batch, DB workload")
+    parser.add_argument("--io-tasks", type=int, default=300, help="tasks per batch, IO-bound")
+    parser.add_argument("--bridge-calls", type=int, default=2000, help="calls per bridge round")
+    parser.add_argument(
+        "--db-calls", type=int, default=200, help="DB body calls per in-process round (0: none)"
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds a batch may take")
+    parser.add_argument(
+        "--workloads",
+        type=lambda text: _names(text, [*WORKLOADS, "bridge"]),
+        default=[*WORKLOADS, "bridge"],
+        help="comma-separated subset of: " + ", ".join([*WORKLOADS, "bridge"]),
+    )
+    parser.add_argument(
+        "--implementations",
+        type=lambda text: _names(text, list(IMPLEMENTATIONS)),
+        default=list(IMPLEMENTATIONS),
+        help="comma-separated subset of: " + ", ".join(IMPLEMENTATIONS),
+    )
+    parser.add_argument(
+        "--json", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json"
+    )
+    parser.add_argument(
+        "--docs", type=Path, default=ROOT / "docs", help="where performance.md and the plot go"
+    )
+    parser.add_argument("--no-docs", action="store_true", help="write no docs page")
+    return parser.parse_args(argv)
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    worker_workloads = [name for name in options.workloads if name in WORKLOADS]
+    names: list[str] = options.implementations
+    rows = max(options.tasks, options.io_tasks)
+    first_rows = [first for name in names if (first := IMPLEMENTATIONS[name][1]) is not None]
+    results: dict[str, Any] = {
+        "settings": {
+            "rounds": options.rounds,
+            "tasks": options.tasks,
+            "io_tasks": options.io_tasks,
+            "bridge_calls": options.bridge_calls,
+            "db_calls": options.db_calls,
+            "implementations": names,
+        },
+        "workloads": {},
+    }
+    load_before = os.getloadavg()
+    with _db.bench_database(rows, first_rows) as database:
+        results["machine"] = _machine.describe(database)
+        driver = Driver()
+        for name in worker_workloads:
+            workload = WORKLOADS[name]
+            tasks = options.tasks if workload.wait == 0 else options.io_tasks
+            outcomes = run_workload(
+                driver,
+                workload,
+                names,
+                rounds=options.rounds,
+                tasks=tasks,
+                database=database,
+                timeout=options.timeout,
+            )
+            results["workloads"][name] = {
+                "title": workload.title,
+                "pool": workload.pool,
+                "concurrency": workload.concurrency,
+                "wait_ms": workload.wait * 1000,
+                "tasks": tasks,
+                "implementations": {n: outcome.summary() for n, outcome in outcomes.items()},
+            }
+        if "bridge" in options.workloads:
+            results["bridge"] = _bridge(options, database)
+    results["machine"]["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    results["duration_s"] = time.monotonic() - started
+    results["targets"] = _report.targets(results)
+    return results
+
+
+def _bridge(options: argparse.Namespace, database: str) -> dict[str, Any]:
+    command = [
+        sys.executable, "-m", "benchmarks.bridge",
+        "--calls", str(options.bridge_calls), "--db-calls", str(options.db_calls),
+        "--rows", str(max(options.tasks, options.io_tasks)), "--rounds", str(options.rounds),
+    ]  # fmt: skip
+    env = {**os.environ, "AST_BENCH_DATABASE": database}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        return {"error": lines[-1]}
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    options = parse(argv)
+    results = run(options)
+    options.json.parent.mkdir(parents=True, exist_ok=True)
+    options.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(_report.table(results))
+    print(f"\nJSON: {options.json}")
+    if not options.no_docs:
+        for path in _report.write_docs(results, options.docs):
+            print(f"docs: {path}")
+
+
+if __name__ == "__main__":
+    main()

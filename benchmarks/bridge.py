@@ -1,0 +1,231 @@
+"""Workload (c), in one process: what running an async body through a task costs.
+
+``python -m benchmarks.bridge --calls 2000 --db-calls 200 --rounds 5`` prints JSON: wall and
+CPU microseconds per call of each way to run ``async def body(x): return x`` (the trivial
+ways), and of each way to run workload (a)'s DB body (read a row by primary key, increment,
+commit) without a broker: plain asyncio, the library, plain sync SQLAlchemy, the sync pattern.
+Medians and spread over the rounds; the ways alternate within each round. The trivial task's
+session is created and closed on every run, as in a worker, but never connects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from async_session_task import AsyncSessionTask
+from benchmarks._apps import database_url, make_app
+
+app = make_app("bench_bridge", backend=False)
+app.conf.async_session_url = database_url("asyncpg")
+
+#: A way to run something ``calls`` times.
+Way = Callable[[int], None]
+
+
+async def body(x: int) -> int:
+    return x
+
+
+@app.task(base=AsyncSessionTask)
+async def trivial(x: int) -> int:
+    return x
+
+
+@app.task
+def noop(x: int) -> int:
+    return x
+
+
+def _await_on_loop(calls: int) -> None:
+    async def main() -> None:
+        for index in range(calls):
+            await body(index)
+
+    asyncio.run(main())
+
+
+def _run_until_complete(calls: int) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        for index in range(calls):
+            loop.run_until_complete(body(index))
+    finally:
+        loop.close()
+
+
+def _thread_hop(calls: int) -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        for index in range(calls):
+            asyncio.run_coroutine_threadsafe(body(index), loop).result()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+def _each(call: Callable[[int], Any]) -> Way:
+    def run(calls: int) -> None:
+        for index in range(calls):
+            call(index)
+
+    return run
+
+
+#: name -> (what it measures, how)
+WAYS: dict[str, tuple[str, Way]] = {
+    "await": ("await body() on a running loop", _await_on_loop),
+    "run_until_complete": (
+        "loop.run_until_complete(body()) in the calling thread",
+        _run_until_complete,
+    ),
+    "thread_hop": (
+        "run_coroutine_threadsafe(body(), loop in another thread).result()",
+        _thread_hop,
+    ),
+    "task_call": ("task(x): AsyncSessionTask called directly", _each(trivial)),
+    "noop_call": ("sync_task(x): a sync task called directly", _each(noop)),
+    "task_apply": (
+        "task.apply((x,)): AsyncSessionTask through Celery's eager tracer",
+        _each(lambda x: trivial.apply((x,))),
+    ),
+    "noop_apply": (
+        "sync_task.apply((x,)): a sync task through the same tracer",
+        _each(lambda x: noop.apply((x,))),
+    ),
+}
+
+
+@contextlib.contextmanager
+def db_ways(rows: int) -> Iterator[dict[str, tuple[str, Way]]]:
+    """Workload (a)'s body, five ways, on the rows of the library and sync implementations."""
+    # Imported here: they read the bench database's URL, which only a benchmark run sets.
+    from benchmarks import impl_library, impl_sync
+    from benchmarks._model import Counter
+    from benchmarks._workers import IMPLEMENTATIONS
+
+    library_rows, sync_rows = IMPLEMENTATIONS["library"][1], IMPLEMENTATIONS["sync"][1]
+    assert library_rows is not None
+    assert sync_rows is not None
+    loop = asyncio.new_event_loop()
+    engine = create_async_engine(database_url("asyncpg"))
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+
+    async def plain_async(row_id: int) -> int:
+        async with maker() as session:
+            counter = await session.get(Counter, row_id)
+            assert counter is not None
+            counter.value += 1
+            await session.commit()
+            return counter.value
+
+    def plain_sync(row_id: int) -> int:
+        with impl_sync.SessionLocal() as session:
+            counter = session.get(Counter, row_id)
+            assert counter is not None
+            counter.value += 1
+            session.commit()
+            return counter.value
+
+    try:
+        yield {
+            "asyncio": (
+                "plain SQLAlchemy asyncio + asyncpg: loop.run_until_complete in this thread",
+                _each(lambda i: loop.run_until_complete(plain_async(library_rows + i % rows))),
+            ),
+            "library_call": (
+                "AsyncSessionTask called directly: task(row, 0)",
+                _each(lambda i: impl_library.work(library_rows + i % rows, 0)),
+            ),
+            "library_apply": (
+                "AsyncSessionTask through Celery's eager tracer: task.apply()",
+                _each(lambda i: impl_library.work.apply((library_rows + i % rows, 0))),
+            ),
+            "sync": (
+                "plain sync SQLAlchemy + psycopg",
+                _each(lambda i: plain_sync(sync_rows + i % rows)),
+            ),
+            "sync_apply": (
+                "the sync pattern through Celery's eager tracer: task.apply()",
+                _each(lambda i: impl_sync.work.apply((sync_rows + i % rows, 0))),
+            ),
+        }
+    finally:
+        # Disposed on the loop its connections belong to (TRAPS 24).
+        loop.run_until_complete(engine.dispose())
+        loop.close()
+        impl_sync.engine.dispose()
+
+
+def measure(ways: dict[str, tuple[str, Way]], calls: int, rounds: int) -> dict[str, Any]:
+    """Wall and CPU microseconds per call of every way: per round, median, min and max."""
+    for _, run_way in ways.values():
+        run_way(10)  # warm up: starts the loop thread, resolves session factories, connects
+    wall: dict[str, list[float]] = {name: [] for name in ways}
+    cpu: dict[str, list[float]] = {name: [] for name in ways}
+    names = list(ways)
+    for number in range(rounds):
+        for name in [*names[number % len(names) :], *names[: number % len(names)]]:
+            started, cpu_started = time.perf_counter(), time.process_time()
+            ways[name][1](calls)
+            wall[name].append(1e6 * (time.perf_counter() - started) / calls)
+            cpu[name].append(1e6 * (time.process_time() - cpu_started) / calls)
+    return {
+        name: {
+            "what": ways[name][0],
+            "median": statistics.median(wall[name]),
+            "min": min(wall[name]),
+            "max": max(wall[name]),
+            "rounds": wall[name],
+            "cpu_median": statistics.median(cpu[name]),
+            "cpu_min": min(cpu[name]),
+            "cpu_max": max(cpu[name]),
+        }
+        for name in ways
+    }
+
+
+def run(calls: int, db_calls: int, rows: int, rounds: int) -> dict[str, Any]:
+    """The trivial ways, then (if ``db_calls``) the DB ways."""
+    ways = measure(WAYS, calls, rounds)
+    median = {name: way["median"] for name, way in ways.items()}
+    result: dict[str, Any] = {
+        "calls": calls,
+        "ways": ways,
+        # What a task call costs over awaiting the body; what the library adds to Celery's
+        # own direct call (its request stack) and to its eager tracer.
+        "overhead_us": median["task_call"] - median["await"],
+        "call_overhead_us": median["task_call"] - median["noop_call"],
+        "apply_overhead_us": median["task_apply"] - median["noop_apply"],
+    }
+    if db_calls:
+        result["db_calls"] = db_calls
+        with db_ways(rows) as ways_with_db:
+            result["db"] = measure(ways_with_db, db_calls, rounds)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--db-calls", type=int, default=0, help="0: no DB ways")
+    parser.add_argument("--rows", type=int, default=1, help="counter rows per implementation")
+    parser.add_argument("--rounds", type=int, default=5)
+    options = parser.parse_args()
+    print(json.dumps(run(options.calls, options.db_calls, options.rows, options.rounds)))
+
+
+if __name__ == "__main__":
+    main()
