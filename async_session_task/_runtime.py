@@ -14,12 +14,13 @@ import asyncio
 import atexit
 import logging
 import os
+import signal
 import threading
 from collections.abc import Coroutine
 from contextvars import Context
 from typing import Any, TypeVar
 
-from billiard.exceptions import TimeLimitExceeded
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from billiard.process import current_process
 from celery import signals
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -44,9 +45,10 @@ class Runtime:
 
     loop: asyncio.AbstractEventLoop
 
-    def __init__(self) -> None:
+    def __init__(self, *, inline: bool = False) -> None:
         self.pid = os.getpid()
         self.closed = False
+        self.inline = inline
         self._stopped = LockWaiter()
         self.new_waiter = waiter_class()
         # Prefork children enforce time limits themselves (SIGUSR1, then SIGKILL); on
@@ -55,6 +57,15 @@ class Runtime:
         self._engines: dict[tuple[str, str], AsyncEngine] = {}
         self._makers: dict[type[Any], async_sessionmaker[Any]] = {}
         self._foreign: list[AsyncEngine] = []
+        self._running: asyncio.Task[Any] | None = None
+        self._soft_limit_hit = False
+        if inline:
+            # One task at a time in this thread (prefork child, solo): run the loop right
+            # here, per call, and skip the hop to another thread (issue 4).
+            self.loop = asyncio.new_event_loop()
+            if self.pool_enforces_limits:
+                _catch_soft_limit(self)
+            return
         started = LockWaiter()
         original("_thread", "start_new_thread")(self._serve, (started,))
         started.wait()
@@ -96,6 +107,15 @@ class Runtime:
                 "A blocking task call was made on the event loop thread: await the coroutine "
                 "instead, or call the task from the task body itself."
             )
+        if self.inline:
+            if asyncio._get_running_loop() is not None:
+                coro.close()
+                raise RuntimeError(
+                    "An async task body was called from inside another running event loop "
+                    "in a worker process that runs its loop inline; await it from that "
+                    "loop's code instead."
+                )
+            return self._call_inline(coro, context, name, time_limit)
         call = Call(self.loop, coro, context, self.new_waiter())
         self.loop.call_soon_threadsafe(call.start)
         try:
@@ -112,6 +132,29 @@ class Runtime:
                 )
             raise
         result: T = call.result()
+        return result
+
+    def _call_inline(
+        self, coro: Coroutine[Any, Any, T], context: Context, name: str, limit: float | None
+    ) -> T:
+        task = self._running = self.loop.create_task(coro, context=context)
+        self._soft_limit_hit = False
+        try:
+            if limit is None:
+                self.loop.run_until_complete(task)
+            elif not self.loop.run_until_complete(_finished(task, limit)):
+                raise TimeLimitExceeded(limit)
+        except BaseException:
+            if not task.done():  # interrupted from outside the body (TRAPS 13)
+                task.cancel()
+                if not self.loop.run_until_complete(_finished(task, CANCEL_GRACE)):
+                    logger.warning("%s: its cancelled body is still running.", name)
+            if self._soft_limit_hit and task.cancelled():
+                raise SoftTimeLimitExceeded() from None
+            raise
+        finally:
+            self._running = None
+        result: T = task.result()
         return result
 
     def maker_for(self, task: Any) -> async_sessionmaker[Any]:
@@ -154,6 +197,11 @@ class Runtime:
             return
         self.closed = True
         engines = [*self._engines.values(), *self._foreign]
+        if self.inline:
+            if not self.loop.is_running():
+                self.loop.run_until_complete(_dispose(engines))
+                self.loop.close()
+            return
         if engines and self.loop.is_running():
             # A blocking wait is right here: the worker is going away.
             call = Call(self.loop, _dispose(engines), Context(), LockWaiter())
@@ -163,6 +211,36 @@ class Runtime:
         self.loop.call_soon_threadsafe(self.loop.stop)
         if self._stopped.wait(SHUTDOWN_GRACE):
             self.loop.close()
+
+
+async def _finished(task: asyncio.Task[Any], seconds: float) -> bool:
+    await asyncio.wait([task], timeout=seconds)
+    return task.done()
+
+
+def _catch_soft_limit(runtime: Runtime) -> None:
+    """Prefork child, inline loop: turn the soft time limit into a cancellation.
+
+    billiard's SIGUSR1 handler raises ``SoftTimeLimitExceeded`` wherever the main thread
+    is. With the loop running there, that may be inside one of asyncio's callbacks, which
+    logs and swallows it (``Handle._run``), or inside the selector, leaving the body pending
+    (TRAPS 13). While a body runs, cancel it instead: it sees ``CancelledError`` at its
+    current await, its cleanup runs, and then Celery gets ``SoftTimeLimitExceeded``.
+    Sync tasks of the same worker keep billiard's handler.
+    """
+    previous = signal.getsignal(signal.SIGUSR1)
+    if not callable(previous):
+        return
+
+    def on_soft_limit(signum: int, frame: Any) -> None:
+        task = runtime._running
+        if task is None or task.done():
+            previous(signum, frame)
+            return
+        runtime._soft_limit_hit = True
+        task.cancel()
+
+    signal.signal(signal.SIGUSR1, on_soft_limit)
 
 
 async def _dispose(engines: list[AsyncEngine]) -> None:
@@ -184,6 +262,16 @@ _runtime: Runtime | None = None
 _lock = threading.Lock()
 
 
+#: Set by ``worker_process_init``, sent in prefork children and in a solo worker: processes
+#: that run one task at a time, in their main thread (TRAPS 12).
+_one_at_a_time_pid: int | None = None
+
+
+def _mark_one_at_a_time(**_: Any) -> None:
+    global _one_at_a_time_pid
+    _one_at_a_time_pid = os.getpid()
+
+
 def get_runtime() -> Runtime:
     """The runtime of this process, started on first use (after a fork: a new one)."""
     global _runtime
@@ -192,7 +280,10 @@ def get_runtime() -> Runtime:
         with _lock:
             runtime = _runtime
             if runtime is None or runtime.pid != os.getpid() or runtime.closed:
-                runtime = _runtime = Runtime()
+                inline = _one_at_a_time_pid == os.getpid() and (
+                    threading.current_thread() is threading.main_thread()
+                )
+                runtime = _runtime = Runtime(inline=inline)
     return runtime
 
 
@@ -274,4 +365,5 @@ def _capacity(settings: _config.Settings) -> tuple[int | None, tuple[Any, ...]]:
 signals.worker_process_shutdown.connect(shutdown, weak=False)
 signals.worker_shutdown.connect(shutdown, weak=False)
 signals.worker_init.connect(check_pool_capacity, weak=False)
+signals.worker_process_init.connect(_mark_one_at_a_time, weak=False)
 atexit.register(shutdown)

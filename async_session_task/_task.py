@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Task, signals
+from celery._state import _task_stack
 from celery.exceptions import Retry
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -236,9 +237,23 @@ def _forward_publishing(app: Any) -> None:
 
     @functools.wraps(send_task)
     def forwarded(*args: Any, **kwargs: Any) -> Any:
-        return in_worker(send_task, *args, **kwargs)
+        return in_worker(_as_parent, send_task, *args, **kwargs)
 
     app.send_task = forwarded
+
+
+def _as_parent(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with the running task on Celery's task stack, so ``send_task`` names it
+    as the parent (and root) of what it publishes. Where the body runs inline, its
+    greenlet has an empty stack of its own (Celery keys the stack by greenlet)."""
+    run = current_run.get()
+    if run is None or _task_stack.top is not None:
+        return fn(*args, **kwargs)
+    _task_stack.push(run.task)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _task_stack.pop()
 
 
 def _forget(sender: Any = None, **_: Any) -> None:

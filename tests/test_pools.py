@@ -165,3 +165,14 @@ def test_threads_pool_warns_when_engine_pool_is_too_small(start_worker: StartWor
         log = worker.worker.log
         assert log.count("connection pool holds at most 3 connections") == 1
         assert_clean_stop(worker)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent"])
+def test_warm_shutdown_lets_running_bodies_finish(start_worker: StartWorker, pool: str) -> None:
+    """SIGTERM: the running body completes, then engines are disposed and the loop closed."""
+    with start_worker(pool=pool, concurrency=concurrency_of(pool)) as worker:
+        k = key()
+        result = worker.send(pg_app.sleepy, k, 2, soft_time_limit=60)
+        wait_until_started(worker, k)
+        assert_clean_stop(worker)
+        assert result.get(timeout=WAIT) == "woke"
