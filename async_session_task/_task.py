@@ -205,6 +205,13 @@ async def _invoke(
                 if not limit.expired():
                     raise  # the body's own TimeoutError
                 raise SoftTimeLimitExceeded(soft_time_limit) from None
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited: no "was never awaited" warning on top
+            raise TypeError(
+                f"{run.task.name}: the body returned {type(result).__name__} instead of "
+                "its value; await it: 'return await ...'."
+            )
         if autocommit:
             await run.session.commit()
         return result

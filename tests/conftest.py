@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import celery.result
 import psycopg
 import pytest
 from celery import Celery
@@ -20,6 +21,12 @@ from async_session_task.testing import WorkerProcess, worker_process
 from tests.apps import pg_app
 
 REQUIRE_SERVICES = os.environ.get("ASYNC_SESSION_TASK_REQUIRE_SERVICES") == "1"
+
+if celery.VERSION < (5, 6):
+    # Celery 5.5's Redis result consumer unsubscribes from AsyncResult.__del__; a result
+    # collected during a pubsub call re-enters redis-py and hangs this test process (5.6
+    # defers the unsubscribe). Results here are few and short-lived: keep them subscribed.
+    celery.result.AsyncResult.__del__ = lambda self: None
 PG_ADMIN = "host=127.0.0.1 port=5432 user=root dbname=postgres"
 SERVICES = {"PostgreSQL": ("127.0.0.1", 5432), "Redis": ("127.0.0.1", 6379)}
 

@@ -7,7 +7,6 @@ worker meets at start and in a result.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import uuid
 from collections.abc import Callable
@@ -229,18 +228,12 @@ async def _answer() -> int:
     return 42
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the awaitable check where _task._invoke gets the body's result",
-)
 def test_body_that_returns_an_unawaited_coroutine(app: Celery) -> None:
     @app.task(base=AsyncSessionTask, async_session_url=SQLITE, shared=False)
     async def forgot_await() -> Any:
         return _answer()  # the mistake under test: 'return await _answer()'
 
     result = forgot_await.apply()
-    if inspect.iscoroutine(result.result):  # today it "succeeds" with the coroutine
-        result.result.close()
     assert result.state == "FAILURE"
     with pytest.raises(TypeError, match=r"returned .*coroutine.* await it: 'return await"):
         result.get()

@@ -123,6 +123,8 @@ def test_revoke_terminate_stops_the_body(start_worker: StartWorker, pool: str) -
         assert worker.send(pg_app.probe).get(timeout=WAIT)["current_session_same"]
         assert notes(worker, k) == []
         if pool != "prefork":
+            # The revoked state is stored before the greenlet is killed: wait for the body.
+            wait_for_log(worker, f"sleepy {k}: finally ran")
             assert f"sleepy {k}: cancelled at its await" in worker.worker.log
         assert_no_open_transaction(worker)
         assert_clean_stop(worker)
@@ -143,6 +145,14 @@ def wait_until_started(worker: ServiceWorker, k: str) -> None:
             return
         worker.worker.ping(timeout=0.05)  # a bounded pause that also checks the worker
     raise AssertionError(f"{k} never started")
+
+
+def wait_for_log(worker: ServiceWorker, text: str) -> None:
+    for _ in range(600):
+        if text in worker.worker.log:
+            return
+        worker.worker.ping(timeout=0.05)  # a bounded pause that also checks the worker
+    raise AssertionError(f"{text!r} never logged")
 
 
 def test_max_tasks_per_child_leaves_no_connections(start_worker: StartWorker) -> None:
