@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import signal
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator, Mapping
 from contextvars import Context
 from typing import Any, TypeVar
 
@@ -166,6 +167,23 @@ class Runtime:
                 if maker is None:
                     maker = self._makers[type(task)] = self._resolve(task)
         return maker
+
+    @contextlib.contextmanager
+    def override_makers(
+        self, makers: Mapping[type[Any], async_sessionmaker[Any]]
+    ) -> Iterator[None]:
+        """Within the block, runs of these task classes take their sessions from ``makers``
+        (what :func:`async_session_task.testing.rollback_sessions` is built on)."""
+        saved = {cls: self._makers.get(cls) for cls in makers}
+        self._makers.update(makers)
+        try:
+            yield
+        finally:
+            for cls, maker in saved.items():
+                if maker is None:
+                    self._makers.pop(cls, None)
+                else:
+                    self._makers[cls] = maker
 
     def _resolve(self, task: Any) -> async_sessionmaker[Any]:
         settings = _config.Settings.of(task)

@@ -38,7 +38,7 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
     """Base for tasks whose body is ``async def`` and uses ``self.session``.
 
     The body runs on this process's event loop; each run gets its own ``AsyncSession``,
-    created in :meth:`before_start` and closed (rolling back whatever was not committed)
+    created in ``before_start`` and closed (rolling back whatever was not committed)
     when the body ends, whatever the outcome.
 
     Class attributes (also accepted as ``@app.task(...)`` options):

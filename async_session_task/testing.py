@@ -248,9 +248,6 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
                 raise
     scope = RollbackSessions()
     transactions: dict[AsyncEngine, _Transaction] = {}
-    # The runtime resolves a task class's factory once; replacing that entry for the scope
-    # is what routes eager runs to the test connection.
-    makers = runtime._makers
     try:
         for cls, maker in originals.items():
             engine = _engine_of(maker, cls)
@@ -261,12 +258,9 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
             scope.makers[cls] = async_sessionmaker(
                 class_=maker.class_, **options, join_transaction_mode="create_savepoint"
             )
-        makers.update(scope.makers)
-        yield scope
+        with runtime.override_makers(scope.makers):
+            yield scope
     finally:
-        for cls, maker in originals.items():
-            if makers.get(cls) is scope.makers.get(cls):
-                makers[cls] = maker
         for transaction in transactions.values():
             runtime.call(transaction.end(), contextvars.copy_context())
 

@@ -48,7 +48,7 @@ class Tasks:
     def __init__(self, app: Celery) -> None:
         self.sessions: list[AsyncSession] = []
 
-        @app.task(bind=True, base=AsyncSessionTask)
+        @app.task(bind=True, base=AsyncSessionTask, shared=False)
         async def add(task: AsyncSessionTask, x: int, y: int) -> list[Any]:
             self.sessions.append(task.session)
             value = await task.session.scalar(
@@ -57,41 +57,45 @@ class Tasks:
             assert current_session() is task.session
             return [value, task.request.id, list(task.request.args)]
 
-        @app.task(bind=True, base=AsyncSessionTask)
+        @app.task(bind=True, base=AsyncSessionTask, shared=False)
         async def fail(task: AsyncSessionTask) -> None:
             self.sessions.append(task.session)
             await task.session.execute(text("select 1"))
             raise ValueError("failed on purpose")
 
-        @app.task(bind=True, base=AsyncSessionTask)
+        @app.task(bind=True, base=AsyncSessionTask, shared=False)
         async def nested(task: AsyncSessionTask) -> list[Any]:
             inner = add.apply(args=(1, 2)).get(disable_sync_subtasks=False)
             direct = add(3, 4)
             return [inner, direct[0], task.request.id]
 
-        @app.task(bind=True, base=AsyncSessionTask, max_retries=2, default_retry_delay=0)
+        @app.task(
+            bind=True, base=AsyncSessionTask, max_retries=2, default_retry_delay=0, shared=False
+        )
         async def retrying(task: AsyncSessionTask) -> int:
             self.sessions.append(task.session)
             if task.request.retries < 2:
                 raise task.retry()
             return int(task.request.retries)
 
-        @app.task(bind=True, base=AsyncSessionTask, autoretry_for=(KeyError,), max_retries=1)
+        @app.task(
+            bind=True, base=AsyncSessionTask, autoretry_for=(KeyError,), max_retries=1, shared=False
+        )
         async def autoretrying(task: AsyncSessionTask) -> None:
             self.sessions.append(task.session)
             raise KeyError(task.request.retries)
 
-        @app.task(bind=True, base=AsyncSessionTask)
+        @app.task(bind=True, base=AsyncSessionTask, shared=False)
         async def ignored(task: AsyncSessionTask) -> None:
             self.sessions.append(task.session)
             raise Ignore()
 
-        @app.task(base=AsyncSessionTask)
+        @app.task(base=AsyncSessionTask, shared=False)
         async def unbound(x: int) -> int:
             self.sessions.append(current_session())
             return x * 2
 
-        @app.task(bind=True, base=AsyncSessionTask)
+        @app.task(bind=True, base=AsyncSessionTask, shared=False)
         async def set_flag(task: AsyncSessionTask, value: str) -> str:
             before = flag.get()
             flag.set(value)
@@ -193,7 +197,7 @@ def test_error_in_before_start_releases_the_session(app: Celery) -> None:
             super().before_start(task_id, args, kwargs)
             raise RuntimeError("before_start failed")
 
-    @app.task(bind=True, base=Failing)
+    @app.task(bind=True, base=Failing, shared=False)
     async def guarded(task: AsyncSessionTask) -> None:
         raise AssertionError("never runs")
 
@@ -208,7 +212,7 @@ def test_sync_body_is_rejected(app: Celery) -> None:
         return None
 
     with pytest.raises(TypeError, match=r"must be 'async def'\. Use a plain @app\.task"):
-        app.task(bind=True, base=AsyncSessionTask)(sync_body).name  # noqa: B018
+        app.task(bind=True, base=AsyncSessionTask, shared=False)(sync_body).name  # noqa: B018
 
 
 def test_session_outside_a_run(tasks: Tasks) -> None:
@@ -222,7 +226,7 @@ def test_missing_database_setting_fails_the_run() -> None:
     app = make_app("")
     app.conf.async_session_url = None
 
-    @app.task(bind=True, base=AsyncSessionTask)
+    @app.task(bind=True, base=AsyncSessionTask, shared=False)
     async def orphan(task: AsyncSessionTask) -> None:
         return None
 
