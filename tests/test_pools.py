@@ -152,7 +152,7 @@ def wait_for_log(worker: ServiceWorker, text: str) -> None:
         if text in worker.worker.log:
             return
         worker.worker.ping(timeout=0.05)  # a bounded pause that also checks the worker
-    raise AssertionError(f"{text!r} never logged")
+    raise AssertionError(f"{text!r} never logged:\n{worker.worker.log[-4000:]}")
 
 
 def test_max_tasks_per_child_leaves_no_connections(start_worker: StartWorker) -> None:
