@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from typing import Any
 
 from celery import Celery
@@ -64,6 +65,7 @@ async def count_notes(key: str) -> int:
 @app.task(bind=True, base=AsyncSessionTask)
 async def probe(self: AsyncSessionTask, delay: float = 0.0) -> dict[str, Any]:
     """Reports what the body sees before and after an await."""
+    started = time.time()
     session, request = self.session, self.request
     before = {"session": id(session), "id": request.id, "args": list(request.args)}
     await asyncio.sleep(delay)
@@ -79,6 +81,8 @@ async def probe(self: AsyncSessionTask, delay: float = 0.0) -> dict[str, Any]:
         "routing_key": (self.request.delivery_info or {}).get("routing_key"),
         "pid": os.getpid(),
         "backend_pid": backend_pid,
+        "started": started,
+        "ended": time.time(),
     }
 
 
@@ -183,3 +187,11 @@ async def fan_out(self: AsyncSessionTask, count: int) -> list[str]:
     ]
     await asyncio.sleep(0)
     return [child.id for child in children]
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def pg_sleeper(self: AsyncSessionTask, seconds: float) -> dict[str, float]:
+    """Waits on the database server, not on the loop."""
+    started = time.time()
+    await self.session.execute(text("select pg_sleep(:s)"), {"s": seconds})
+    return {"started": started, "ended": time.time()}
