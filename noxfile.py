@@ -23,6 +23,20 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def faults(session: nox.Session) -> None:
+    """Fault injection on real workers: private PostgreSQL and Redis restarted, workers killed."""
+    install_test(session)
+    session.run("pytest", "-n", "2", "tests/faults", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def soak(session: nox.Session) -> None:
+    """On demand: 10,000 mixed runs per pool; figures in build/soak/ (docs/soak.md)."""
+    install_test(session)
+    session.run("pytest", "-s", "tests/soak", *session.posargs, env={"AST_SOAK": "1"})
+
+
+@nox.session(python=PYTHON)
 def docs(session: nox.Session) -> None:
     """The documentation site, warnings as errors; ``-- serve`` to preview it."""
     session.install("-e", ".[docs]")

@@ -3,9 +3,11 @@
 Every run of the process shares one loop, so a sync call inside an ``async def`` body
 (``time.sleep``, a sync driver, ``requests``, heavy CPU work) delays all of them. A monitor
 thread pings the loop (``call_soon_threadsafe``) every ``threshold / 2`` seconds; when a ping
-stays unanswered for ``threshold`` seconds it logs one warning for that stall, naming the run
-that holds the loop and the loop thread's stack (``sys._current_frames``), so the blocking
-line is in the log. When the loop answers again it logs how long the stall lasted.
+stays unanswered for ``threshold`` seconds while the loop runs, it logs one warning for that
+stall, naming the run that holds the loop and the loop thread's stack
+(``sys._current_frames``), so the blocking line is in the log. When the loop answers again
+it logs how long the stall lasted. A loop that runs per call (prefork children, solo) is
+idle between calls, not stuck.
 
 The threshold is the ``async_session_stall_threshold`` setting (seconds; default
 :data:`DEFAULT_THRESHOLD`; ``0`` turns the watchdog off).
@@ -22,6 +24,8 @@ import traceback
 import weakref
 from types import FrameType
 from typing import Any
+
+from greenlet import getcurrent, greenlet
 
 from ._session import Run
 from ._waiters import original
@@ -48,14 +52,23 @@ class Watchdog:
         self.threshold = threshold
         self.stalls = 0
         self._loop_thread: int | None = None
+        self._loop_greenlet: greenlet | None = None
         self._allocate_lock = original("_thread", "allocate_lock")
         self._get_ident = original("_thread", "get_ident")
         self._stop = self._allocate_lock()
         self._stop.acquire()
 
     def start(self) -> Watchdog:
-        original("_thread", "start_new_thread")(self._watch, ())
+        # The first ping is sent from here, ahead of anything the caller schedules next
+        # (a first run): its answer tells the monitor which thread and greenlet run the loop.
+        original("_thread", "start_new_thread")(self._watch, (self._ping(),))
         return self
+
+    def _ping(self) -> Any:
+        answered = self._allocate_lock()
+        answered.acquire()
+        self.loop.call_soon_threadsafe(self._answer, answered)
+        return answered
 
     def stop(self) -> None:
         """Let the monitor thread end (it also ends by itself once the loop is closed)."""
@@ -68,45 +81,43 @@ class Watchdog:
             return True
         return self.loop.is_closed()
 
-    def _watch(self) -> None:
-        interval = self.threshold / 2
-        while not self._stopped():
-            answered = self._allocate_lock()
-            answered.acquire()
-            try:
-                self.loop.call_soon_threadsafe(self._answer, answered)
-            except RuntimeError:  # the loop was closed
-                return
-            if not answered.acquire(timeout=self.threshold):
-                if not self.loop.is_running():
-                    if self._loop_thread is not None:
-                        return  # stopped, on its way to being closed
-                    continue  # not started yet: the ping waits in its queue
-                started = time.monotonic() - self.threshold
-                self.stalls += 1
-                self._warn()
-                # Once per stall: wait for this same ping before sending another.
-                while not answered.acquire(timeout=interval):
-                    if self._stopped() or not self.loop.is_running():
-                        return
+    def _watch(self, answered: Any) -> None:
+        step = self.threshold / 4
+        while True:
+            # Only time the loop spends running counts: a loop that runs per call (prefork
+            # children, solo) is idle between calls, not stuck, and answers at the next one.
+            waited, since = 0.0, None
+            while not answered.acquire(timeout=step):
+                if self._stopped():
+                    return
+                waited = waited + step if self.loop.is_running() else 0.0
+                if since is None and waited >= self.threshold:
+                    since = time.monotonic() - waited
+                    self.stalls += 1
+                    self._warn()  # once per stall: the next ping waits for this one
+            if since is not None:
                 logger.info(
                     "The event loop of process %d answers again after %.1f s.",
                     os.getpid(),
-                    time.monotonic() - started,
+                    time.monotonic() - since,
                 )
-            if self._stopped(interval):
+            if self._stopped(self.threshold / 2):
+                return
+            try:
+                answered = self._ping()
+            except RuntimeError:  # the loop was closed
                 return
 
     def _answer(self, answered: Any) -> None:  # on the loop
         self._loop_thread = self._get_ident()
+        self._loop_greenlet = getcurrent()
         answered.release()
 
     def _warn(self) -> None:
-        frames = sys._current_frames()
         # Until the loop answered a first ping, the thread id asyncio recorded in
         # run_forever (a greenlet's id, not the thread's, under gevent's patching).
         thread = self._loop_thread or getattr(self.loop, "_thread_id", None)
-        frame = frames.get(thread) if thread is not None else None
+        frame = sys._current_frames().get(thread) if thread is not None else None
         run = running(self.loop)
         who = (
             f"task {run.task.name}[{run.request.id}]"
@@ -120,7 +131,7 @@ class Watchdog:
             os.getpid(),
             self.threshold,
             who,
-            _format(frame),
+            _format(_switched_out_body(self._loop_greenlet) or frame),
         )
 
 
@@ -130,13 +141,27 @@ def running(loop: asyncio.AbstractEventLoop) -> Run | None:
     The loop's current asyncio task runs ``_task._invoke(run, ...)``; its frame holds the run.
     """
     task = asyncio.current_task(loop)
-    coro = task.get_coro() if task is not None else None
-    frame = getattr(coro, "cr_frame", None)
-    if frame is None:
-        return None
-    for value in frame.f_locals.values():
+    frame = getattr(task.get_coro() if task is not None else None, "cr_frame", None)
+    for value in frame.f_locals.values() if frame is not None else ():
         if isinstance(value, Run):
             return value
+    return None
+
+
+def _switched_out_body(loop_greenlet: greenlet | None) -> FrameType | None:
+    """Where a body waits whose greenlet was switched out while it held the loop.
+
+    Under gevent a blocking call in a body (a patched ``time.sleep``) switches the loop
+    thread to its hub, so the thread's stack shows only the hub. The body's greenlet keeps
+    its frame; it is a local of ``_bridge.drive``, on the stack of the loop's greenlet.
+    """
+    frame = loop_greenlet.gr_frame if loop_greenlet is not None else None
+    while frame is not None:
+        for value in frame.f_locals.values():
+            if isinstance(value, greenlet) and value.gr_frame is not None:
+                body_frame: FrameType = value.gr_frame
+                return body_frame
+        frame = frame.f_back
     return None
 
 

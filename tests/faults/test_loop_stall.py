@@ -106,19 +106,41 @@ def test_warning_names_the_task(caplog: pytest.LogCaptureFixture) -> None:
     assert "time.sleep(1.5)  # noqa: ASYNC251  # the mistake under test" in warning
 
 
+def test_loop_run_per_call_is_idle_between_calls(caplog: pytest.LogCaptureFixture) -> None:
+    """Prefork children and solo run the loop per call: stalls in two calls, two warnings."""
+    loop = asyncio.new_event_loop()
+    watchdog = Watchdog(loop, threshold=0.2).start()
+    try:
+        with caplog.at_level(logging.INFO, logger="async_session_task"):
+            for done in (1, 2):
+                loop.run_until_complete(blocking(1.5))
+                wait_for(lambda: len(messages(caplog, ANSWERS)) >= done, 30, "a stall's end")  # noqa: B023
+    finally:
+        watchdog.stop()
+        loop.close()
+    assert watchdog.stalls == 2
+    assert len(messages(caplog, STALLED)) == 2
+
+
 @pytest.mark.services
-def test_real_worker_warns_and_other_runs_go_on(start_fault_worker: StartFaultWorker) -> None:
-    """threads -c 4: one run blocks the shared loop; the others wait, then all succeed."""
+@pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 1), ("threads", 4), ("gevent", 4)])
+def test_real_worker_warns_once_per_stall(
+    start_fault_worker: StartFaultWorker, pool: str, concurrency: int
+) -> None:
+    """Each blocked run gets one warning; the runs queued behind it wait, then succeed."""
     with start_fault_worker(
-        pool="threads", concurrency=4, env={"AST_STALL_THRESHOLD": "0.5"}
+        pool=pool, concurrency=concurrency, env={"AST_STALL_THRESHOLD": "0.5"}
     ) as worker:
-        blocked = worker.send(app.stall, 3.0)
-        others = group(app.where.s() for _ in range(12)).apply_async(queue=worker.worker.queue)
-        assert blocked.get(timeout=60) == worker.worker.process.pid
-        assert len(others.get(timeout=60)) == 12
+        stalled = []
+        for _ in range(2):
+            blocked = worker.send(app.stall, 2.0)
+            others = group(app.where.s() for _ in range(8)).apply_async(queue=worker.worker.queue)
+            blocked.get(timeout=60)
+            assert len(others.get(timeout=60)) == 8
+            stalled.append(blocked.id)
         assert worker.worker.stop() == 0
         log = worker.worker.log
-    assert log.count(STALLED) == 1, log[-4000:]
-    warning = log[log.index(STALLED) - 80 :]
-    assert f"task tests.faults.app.stall[{blocked.id}] blocks it" in warning
-    assert "time.sleep(seconds)  # noqa: ASYNC251  # the mistake under test" in warning
+    assert log.count(STALLED) == 2, log[-4000:]
+    for task_id in stalled:
+        assert f"task tests.faults.app.stall[{task_id}] blocks it" in log
+    assert log.count("time.sleep(seconds)  # noqa: ASYNC251  # the mistake under test") == 2

@@ -55,7 +55,7 @@ def running_statements(worker: FaultWorker) -> list[tuple[Any, ...]]:
     )
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent"])
 @pytest.mark.parametrize("pre_ping", [True, False], ids=["pool_pre_ping", "no_pre_ping"])
 def test_restart_mid_run(
     start_fault_worker: StartFaultWorker,

@@ -57,7 +57,7 @@ def answers(worker: FaultWorker) -> bool:
         return False
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent"])
 def test_broker_restart(
     start_fault_worker: StartFaultWorker, private_redis: PrivateRedis, pool: str
 ) -> None:
