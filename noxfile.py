@@ -22,6 +22,18 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-n", "2", *session.posargs)
 
 
+# The oldest releases the package supports; ``tests`` runs the newest.
+MINIMUM = ("celery[redis]==5.5.0", "sqlalchemy[asyncio]==2.0.42", "anyio==4.12.0")
+
+
+@nox.session(python=PYTHON, name="tests-min")
+def tests_min(session: nox.Session) -> None:
+    """The core and pool tests on the minimum supported Celery and SQLAlchemy."""
+    install_test(session, *MINIMUM)
+    session.run("pytest", "-n", "2", "tests/test_eager.py", "tests/test_worker.py",
+                "tests/test_pools.py", *session.posargs)  # fmt: skip
+
+
 @nox.session(python=PYTHON)
 def faults(session: nox.Session) -> None:
     """Fault injection on real workers: private PostgreSQL and Redis restarted, workers killed."""
