@@ -46,9 +46,10 @@ app.conf.update(
 
 
 @signals.task_prerun.connect
-def _watch_loop(**_: Any) -> None:
+def _watch_loop(sender: Any = None, **_: Any) -> None:
     # Starts the loop-stall watchdog until the runtime starts it itself; once per loop.
-    _watchdog.watch(get_runtime().loop)
+    if isinstance(sender, AsyncSessionTask) and sender.app is app:
+        _watchdog.watch(get_runtime().loop)
 
 
 async def count(key: str) -> int:
