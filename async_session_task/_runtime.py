@@ -27,7 +27,7 @@ from celery import signals
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.pool import QueuePool
 
-from . import _config
+from . import _config, _watchdog
 from ._call import Call
 from ._session import runs
 from ._waiters import LockWaiter, hold_hub, original, waiter_class
@@ -66,10 +66,11 @@ class Runtime:
             self.loop = asyncio.new_event_loop()
             if self.pool_enforces_limits:
                 _catch_soft_limit(self)
-            return
-        started = LockWaiter()
-        original("_thread", "start_new_thread")(self._serve, (started,))
-        started.wait()
+        else:
+            started = LockWaiter()
+            original("_thread", "start_new_thread")(self._serve, (started,))
+            started.wait()
+        # _watchdog.watch(self.loop)
 
     def _serve(self, started: LockWaiter) -> None:
         # Made in its own thread: under gevent the selector belongs to this thread's hub.
@@ -214,6 +215,7 @@ class Runtime:
         if self.closed:
             return
         self.closed = True
+        _watchdog.unwatch(self.loop)
         engines = [*self._engines.values(), *self._foreign]
         if self.inline:
             if not self.loop.is_running():
