@@ -70,7 +70,7 @@ class Runtime:
             started = LockWaiter()
             original("_thread", "start_new_thread")(self._serve, (started,))
             started.wait()
-        # _watchdog.watch(self.loop)
+        _watchdog.watch(self.loop)  # a warning per loop stall (issue 6)
 
     def _serve(self, started: LockWaiter) -> None:
         # Made in its own thread: under gevent the selector belongs to this thread's hub.
