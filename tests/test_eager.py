@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +300,19 @@ def test_interrupted_wait_cancels_the_body_and_waits_for_its_cleanup() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert events == ["cancelled", "cleanup done"]
+
+
+def test_the_runtime_watches_its_loop_for_stalls(
+    app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 6: every runtime starts the loop-stall watchdog with its loop."""
+
+    @app.task(bind=True, base=AsyncSessionTask, shared=False)
+    async def blocks(task: AsyncSessionTask) -> None:
+        time.sleep(1.6)  # noqa: ASYNC251  # the mistake the watchdog reports
+
+    with caplog.at_level(logging.WARNING, logger="async_session_task"):
+        blocks.apply(task_id="blocker")
+    stalls = [r.getMessage() for r in caplog.records if "has not answered" in r.getMessage()]
+    assert len(stalls) == 1, stalls
+    assert "blocker" in stalls[0]
