@@ -56,7 +56,8 @@ def file_broker_settings(folder: str | os.PathLike[str]) -> dict[str, Any]:
     kombu's filesystem transport carries the messages (control commands such as ``ping``
     included) and Celery's file backend stores the results, both in ``folder``, which the
     test process and its workers must share. For ``app.conf.update(...)``; slower than
-    Redis, and for one machine only.
+    Redis, and for one machine only. The transport is kombu's, except that a message file
+    appears only once it is complete (see ``_filebroker``).
     """
     root = Path(folder)
     messages, control, results = root / "messages", root / "control", root / "results"
@@ -64,6 +65,7 @@ def file_broker_settings(folder: str | os.PathLike[str]) -> dict[str, Any]:
         path.mkdir(parents=True, exist_ok=True)
     return {
         "broker_url": "filesystem://",
+        "broker_transport": "async_session_task._filebroker:Transport",
         "broker_transport_options": {
             "data_folder_in": str(messages),
             "data_folder_out": str(messages),

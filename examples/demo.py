@@ -41,7 +41,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import Pool
 
 from async_session_task import AsyncSessionTask, current_session
-from async_session_task.testing import worker_process
+from async_session_task.testing import file_broker_settings, worker_process
 
 ACCOUNTS = 20
 OPENING_BALANCE = 1_000
@@ -106,19 +106,18 @@ app = Celery("demo")
 def configure() -> None:
     """Read the URLs from the environment: the demo sets them for its worker process."""
     state = Path(os.environ.get("DEMO_STATE_DIR") or Path(tempfile.gettempdir(), "ast-demo"))
-    folders = {name: state / name for name in ("messages", "control", "results")}
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
+    # No URLs given: kombu's filesystem transport and file results, in a folder shared by
+    # the demo and its worker.
+    app.conf.update(file_broker_settings(state))
+    if os.environ.get("DEMO_BROKER_URL"):
+        app.conf.update(
+            broker_url=os.environ["DEMO_BROKER_URL"],
+            broker_transport=None,
+            broker_transport_options={},
+        )
+    if os.environ.get("DEMO_RESULT_BACKEND"):
+        app.conf.result_backend = os.environ["DEMO_RESULT_BACKEND"]
     app.conf.update(
-        broker_url=os.environ.get("DEMO_BROKER_URL") or "filesystem://",
-        result_backend=os.environ.get("DEMO_RESULT_BACKEND") or f"file://{folders['results']}",
-        broker_transport_options={
-            # kombu's filesystem transport: one folder shared by the demo and its worker.
-            "data_folder_in": str(folders["messages"]),
-            "data_folder_out": str(folders["messages"]),
-            "control_folder": str(folders["control"]),
-            "polling_interval": 0.05,
-        },
         async_session_url=(
             os.environ.get("DEMO_DATABASE_URL") or f"sqlite+aiosqlite:///{state / 'demo.db'}"
         ),

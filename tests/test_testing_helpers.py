@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import textwrap
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import pytest
@@ -20,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from async_session_task import AsyncSessionTask
-from async_session_task.testing import WorkerProcess, rollback_sessions
+from async_session_task.testing import WorkerProcess, file_broker_settings, rollback_sessions
 from tests.apps import pg_app, sqlite_app
 
 pytest_plugins = ["pytester"]
@@ -372,3 +374,35 @@ def test_plugin_in_a_users_project(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v", timeout=150)
     result.assert_outcomes(passed=3)
+
+
+# ---- the filesystem broker: a message is never read half written ---------------------------
+
+
+def test_file_broker_never_shows_a_message_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader polling while a message is written finds nothing, not an empty file: kombu's
+    own transport hands it ``b""`` there, which ends a worker with a JSONDecodeError
+    (celery/kombu#1551, seen in this project's CI)."""
+    from async_session_task import _filebroker
+
+    app = Celery("file-broker", set_as_current=False)
+    app.conf.update(file_broker_settings(tmp_path))
+    polled: list[str] = []
+    with app.connection_for_write() as writer, app.connection_for_read() as reader:
+        serialize: Callable[[Any], str] = vars(_filebroker)["dumps"]
+
+        def dumps_while_a_reader_polls(payload: Any) -> str:
+            # Runs after the message's file is opened and before its bytes are written.
+            try:
+                polled.append(reader.default_channel._get("jobs")["body"])
+            except Empty:
+                polled.append("nothing yet")
+            return serialize(payload)
+
+        monkeypatch.setattr(f"{_filebroker.__name__}.dumps", dumps_while_a_reader_polls)
+        writer.default_channel._put("jobs", {"body": "first"})
+        monkeypatch.undo()
+        assert polled == ["nothing yet"]
+        assert reader.default_channel._get("jobs") == {"body": "first"}
