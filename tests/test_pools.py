@@ -111,16 +111,7 @@ def test_hard_time_limit_on_prefork_replaces_the_child(start_worker: StartWorker
         assert_clean_stop(worker)
 
 
-@pytest.mark.parametrize(
-    "pool",
-    [
-        "prefork",
-        # Known issue: in about one run of five the killed greenlet's body is neither
-        # cancelled nor finished (no greenlet is left waiting for it); under investigation.
-        pytest.param("gevent", marks=pytest.mark.xfail(strict=False, reason="flaky, see above")),
-        pytest.param("eventlet", marks=pytest.mark.xfail(strict=False, reason="flaky, see above")),
-    ],
-)
+@pytest.mark.parametrize("pool", ["prefork", "gevent", "eventlet"])
 def test_revoke_terminate_stops_the_body(start_worker: StartWorker, pool: str) -> None:
     """revoke(terminate=True): prefork kills the child; gevent/eventlet kill the greenlet,
     and the library cancels the coroutine and rolls its transaction back."""
@@ -152,8 +143,11 @@ def wait_for(condition: Callable[[], bool], worker: ServiceWorker, what: str) ->
 
 
 def wait_until_started(worker: ServiceWorker, k: str) -> None:
-    """Until the body holds its open transaction."""
-    wait_for(lambda: "idle in transaction" in worker.connections(), worker, f"{k} never started")
+    """Until ``sleepy`` holds its open transaction and waits in its try block. (An open
+    transaction alone is not enough: the body may still be inside ``flush()``, and a
+    cancellation there ends it before its try block, so its ``finally`` never logs.)"""
+    wait_for_log(worker, f"sleepy {k}: sleeping")
+    assert "idle in transaction" in worker.connections()
 
 
 def wait_for_log(worker: ServiceWorker, text: str) -> None:

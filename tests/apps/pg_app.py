@@ -155,6 +155,9 @@ async def sleepy(self: AsyncSessionTask, key: str, seconds: float) -> str:
     """Holds an open transaction past its soft time limit."""
     self.session.add(Note(key=key, text="sleepy"))
     await self.session.flush()
+    # No await between this line and the sleep: once it is logged, a cancellation reaches
+    # the body inside the try below, not inside flush().
+    logger.warning("sleepy %s: sleeping", key)
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:
