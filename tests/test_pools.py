@@ -12,7 +12,7 @@ from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import group
 
 from tests.apps import pg_app
-from tests.conftest import ServiceWorker, StartWorker
+from tests.conftest import ServiceWorker, StartWorker, pg_query
 from tests.test_worker import assert_clean_stop, assert_no_open_transaction, notes
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
@@ -164,6 +164,37 @@ def test_max_tasks_per_child_leaves_no_connections(start_worker: StartWorker) ->
         # Only live children may hold connections: at most one each.
         assert len(w.connections()) <= 2
         assert_clean_stop(w)
+
+
+def test_autoscale_shrink_leaves_no_connections(
+    start_worker: StartWorker, database_url: str
+) -> None:
+    """Children stopped by --autoscale dispose their engines: the remaining child holds at
+    most one connection, and no session ends without its client closing it."""
+
+    def abandoned() -> int:
+        # Sessions whose client went away without closing them (a child that exited
+        # without disposing its engine): the kernel closes its sockets, so pg_stat_activity
+        # alone would not tell. A backend is counted before it leaves pg_stat_activity.
+        rows = pg_query(
+            database_url,
+            "select sessions_abandoned from pg_stat_database where datname = current_database()",
+        )
+        return int(rows[0][0])
+
+    # The autoscaler shrinks a pool idle for AUTOSCALE_KEEPALIVE seconds (default 30).
+    env = {"AUTOSCALE_KEEPALIVE": "2"}
+    with start_worker(pool="prefork", args=("--autoscale=4,1",), env=env) as w:
+        before = abandoned()
+        results = [w.send(pg_app.probe, 1.0) for _ in range(8)]
+        reports = [result.get(timeout=WAIT) for result in results]
+        # A prefork child runs one body at a time: runs in flight together prove the growth.
+        assert peak_overlap(reports) > 1
+        wait_for(lambda: len(w.worker.child_pids()) == 1, w, "the pool never shrank")
+        assert len(w.connections()) <= 1
+        assert abandoned() == before
+        assert_clean_stop(w)
+        assert abandoned() == before
 
 
 def test_threads_pool_warns_when_engine_pool_is_too_small(start_worker: StartWorker) -> None:
