@@ -154,9 +154,12 @@ def wait_for_log(worker: ServiceWorker, text: str) -> None:
     wait_for(lambda: text in worker.worker.log, worker, f"{text!r} never logged")
 
 
-def test_max_tasks_per_child_leaves_no_connections(start_worker: StartWorker) -> None:
+def test_max_tasks_per_child_leaves_no_connections(
+    start_worker: StartWorker, database_url: str
+) -> None:
     """Recycled children dispose their engines; new children get a fresh loop and engine."""
     with start_worker(pool="prefork", concurrency=2, args=("--max-tasks-per-child", "5")) as w:
+        before = abandoned_sessions(database_url)
         reports: list[dict[str, Any]] = (
             group(pg_app.probe.s() for _ in range(40)).apply_async(queue=w.queue).get(timeout=WAIT)
         )
@@ -164,6 +167,7 @@ def test_max_tasks_per_child_leaves_no_connections(start_worker: StartWorker) ->
         # Only live children may hold connections: at most one each.
         assert len(w.connections()) <= 2
         assert_clean_stop(w)
+        assert abandoned_sessions(database_url) == before
 
 
 def test_autoscale_shrink_leaves_no_connections(
@@ -171,30 +175,30 @@ def test_autoscale_shrink_leaves_no_connections(
 ) -> None:
     """Children stopped by --autoscale dispose their engines: the remaining child holds at
     most one connection, and no session ends without its client closing it."""
-
-    def abandoned() -> int:
-        # Sessions whose client went away without closing them (a child that exited
-        # without disposing its engine): the kernel closes its sockets, so pg_stat_activity
-        # alone would not tell. A backend is counted before it leaves pg_stat_activity.
-        rows = pg_query(
-            database_url,
-            "select sessions_abandoned from pg_stat_database where datname = current_database()",
-        )
-        return int(rows[0][0])
-
     # The autoscaler shrinks a pool idle for AUTOSCALE_KEEPALIVE seconds (default 30).
     env = {"AUTOSCALE_KEEPALIVE": "2"}
     with start_worker(pool="prefork", args=("--autoscale=4,1",), env=env) as w:
-        before = abandoned()
+        before = abandoned_sessions(database_url)
         results = [w.send(pg_app.probe, 1.0) for _ in range(8)]
         reports = [result.get(timeout=WAIT) for result in results]
         # A prefork child runs one body at a time: runs in flight together prove the growth.
         assert peak_overlap(reports) > 1
         wait_for(lambda: len(w.worker.child_pids()) == 1, w, "the pool never shrank")
         assert len(w.connections()) <= 1
-        assert abandoned() == before
+        assert abandoned_sessions(database_url) == before
         assert_clean_stop(w)
-        assert abandoned() == before
+        assert abandoned_sessions(database_url) == before
+
+
+def abandoned_sessions(database_url: str) -> int:
+    """Sessions whose client went away without closing them, as a child that exits without
+    disposing its engine leaves: the kernel closes its sockets, so pg_stat_activity alone
+    would not tell. A backend is counted before it leaves pg_stat_activity."""
+    rows = pg_query(
+        database_url,
+        "select sessions_abandoned from pg_stat_database where datname = current_database()",
+    )
+    return int(rows[0][0])
 
 
 def test_threads_pool_warns_when_engine_pool_is_too_small(start_worker: StartWorker) -> None:
