@@ -1,0 +1,28 @@
+"""``__all__`` of each public module names exactly its public objects: those defined in it or
+in its private submodules (names it merely imports from elsewhere in the package are not)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import TypeVar
+
+import pytest
+
+import async_session_task
+import async_session_task.testing
+
+
+@pytest.mark.parametrize("module", [async_session_task, async_session_task.testing])
+def test_all_names_the_public_objects(module: types.ModuleType) -> None:
+    own = {module.__name__} | {
+        name for name in sys.modules if name.startswith(f"{module.__name__}._")
+    }
+    public = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType | TypeVar)
+        and getattr(value, "__module__", None) in own
+    }
+    assert sorted(module.__all__) == sorted(public)
