@@ -38,8 +38,8 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
     """Base for tasks whose body is ``async def`` and uses ``self.session``.
 
     The body runs on this process's event loop; each run gets its own ``AsyncSession``,
-    created in ``before_start`` and closed (rolling back whatever was not committed)
-    when the body ends, whatever the outcome.
+    created on first use of ``self.session`` and closed (rolling back whatever was not
+    committed) when the body ends, whatever the outcome.
 
     Class attributes (also accepted as ``@app.task(...)`` options):
 
@@ -108,9 +108,10 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         return run.session
 
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Create this run's session."""
+        """Register this run; its session is made on first use."""
         request = self.request
-        runs.add(Run(self, request, get_runtime().maker_for(self)()))
+        # The factory is resolved now, so a misconfigured task still fails every run.
+        runs.add(Run(self, request, maker=get_runtime().maker_for(self)))
         _forward_publishing(self.app)
 
     def after_return(self, *args: Any, **kwargs: Any) -> None:
@@ -143,7 +144,7 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         run = runs.get(request)
         owned = run is None
         if run is None:  # called directly, without before_start (TRAPS 5)
-            run = Run(self, request, get_runtime().maker_for(self)())
+            run = Run(self, request, maker=get_runtime().maker_for(self))
             runs.add(run)
         try:
             body = self._body(*args, **kwargs)
@@ -212,14 +213,17 @@ async def _invoke(
                 f"{run.task.name}: the body returned {type(result).__name__} instead of "
                 "its value; await it: 'return await ...'."
             )
-        if autocommit:
-            await run.session.commit()
+        session = run.opened_session
+        if autocommit and session is not None:  # an unused session has nothing to commit
+            await session.commit()
         return result
     finally:
         current_run.reset(token)
         # Rolls back what was not committed and returns the connection to the pool. A run
         # is cancelled at most once, so this await is not interrupted by that cancellation.
-        await run.session.close()
+        session = run.opened_session
+        if session is not None:
+            await session.close()
 
 
 def _sync_run(function: Callable[..., Any], *, bound: bool) -> Callable[..., Any]:
