@@ -114,14 +114,6 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         runs.add(Run(self, request, maker=get_runtime().maker_for(self)))
         _forward_publishing(self.app)
 
-    def after_return(self, *args: Any, **kwargs: Any) -> None:
-        """Forget this run's session; the run closed it already. Idempotent.
-
-        Celery skips this hook for RETRY, IGNORED and REJECTED (TRAPS 1), and may call it in
-        a prefork parent that never had the session (TRAPS 3): ``task_postrun`` repeats it.
-        """
-        runs.discard(self.request)
-
     def retry(self, *args: Any, **kwargs: Any) -> Retry:
         """Celery's ``Task.retry``. Inside the body, the retry is published by the worker
         thread after this run's session is closed, unless ``throw=False``."""
@@ -141,10 +133,11 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
 
     def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         request = self.request
+        runtime = get_runtime()
         run = runs.get(request)
         owned = run is None
         if run is None:  # called directly, without before_start (TRAPS 5)
-            run = Run(self, request, maker=get_runtime().maker_for(self))
+            run = Run(self, request, maker=runtime.maker_for(self))
             runs.add(run)
         try:
             body = self._body(*args, **kwargs)
@@ -153,7 +146,6 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                     f"{self.name}: the body returned {type(body).__name__}, not a coroutine; "
                     "an AsyncSessionTask body must be 'async def'."
                 )
-            runtime = get_runtime()
             soft, hard = self._time_limits(request, runtime)
             invocation = _invoke(run, body, self.autocommit, soft)
             if runtime.on_loop():
@@ -268,7 +260,10 @@ def _as_parent(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _forget(sender: Any = None, **_: Any) -> None:
-    # task_postrun fires on every outcome but a killed process (TRAPS 4).
+    # task_postrun fires on every outcome but a killed process (TRAPS 4), after_return not
+    # for RETRY, IGNORED, REJECTED (TRAPS 1), nor in eager mode for a propagated failure
+    # (TRAPS 2), and in a prefork parent after a hard time limit (TRAPS 3): the run is
+    # forgotten here only, once, while the tracer still has its request on the stack.
     if isinstance(sender, AsyncSessionTask):
         runs.discard(sender.request)
 
