@@ -39,9 +39,11 @@ class Call:
         "_context",
         "_coro",
         "_done",
+        "_error",
         "_loop",
         "_requests",
         "_task",
+        "_value",
         "_waiter",
     )
 
@@ -59,6 +61,8 @@ class Call:
         self._task: asyncio.Task[Any] | None = None
         self._cancelled = False
         self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
         self._requests: collections.deque[_Request] = collections.deque()
 
     # -- on the loop --
@@ -70,10 +74,21 @@ class Call:
             return
         self._context.run(current_call.set, self)
         # A context per run (TRAPS 19): ContextVars never leak from one run to the next.
-        self._task = self._loop.create_task(self._coro, context=self._context)
-        self._task.add_done_callback(self._finish)
+        self._task = self._loop.create_task(self._run(self._coro), context=self._context)
 
-    def _finish(self, _: object = None) -> None:
+    async def _run(self, coro: Coroutine[Any, Any, Any]) -> None:
+        # The caller is woken as the coroutine ends, rather than by a done callback of the
+        # task, which would cost the loop one more pass; so the outcome is kept here.
+        try:
+            self._value = await coro
+        except BaseException as exc:
+            self._error = exc
+            if not isinstance(exc, Exception):
+                raise  # the task ends cancelled (or the loop stops), as it would have
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
         self._done = True
         self._waiter.notify()
 
@@ -115,7 +130,9 @@ class Call:
     def result(self) -> Any:
         if self._task is None:
             raise asyncio.CancelledError
-        return self._task.result()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

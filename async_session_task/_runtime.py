@@ -60,6 +60,7 @@ class Runtime:
         self._foreign: list[AsyncEngine] = []
         self._running: asyncio.Task[Any] | None = None
         self._soft_limit_hit = False
+        self._stop_when_done = False
         if inline:
             # One task at a time in this thread (prefork child, solo): run the loop right
             # here, per call, and skip the hop to another thread (issue 4).
@@ -139,11 +140,22 @@ class Runtime:
     def _call_inline(
         self, coro: Coroutine[Any, Any, T], context: Context, name: str, limit: float | None
     ) -> T:
-        task = self._running = self.loop.create_task(coro, context=context)
+        task = self._running = self.loop.create_task(self._inline(coro), context=context)
         self._soft_limit_hit = False
         try:
             if limit is None:
-                self.loop.run_until_complete(task)
+                # What run_until_complete(task) does, minus the loop pass that only runs its
+                # done callback: the body's own coroutine stops the loop as it ends.
+                self._stop_when_done = True
+                try:
+                    self.loop.run_forever()
+                finally:
+                    self._stop_when_done = False
+                if not task.done():  # something else stopped the loop
+                    raise RuntimeError("Event loop stopped before Future completed.")
+                # Raised here, as run_until_complete raises it: a body that the soft time
+                # limit cancelled ends in SoftTimeLimitExceeded below (TRAPS 13).
+                task.result()
             elif not self.loop.run_until_complete(_finished(task, limit)):
                 raise TimeLimitExceeded(limit)
         except BaseException:
@@ -158,6 +170,14 @@ class Runtime:
             self._running = None
         result: T = task.result()
         return result
+
+    async def _inline(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            return await coro
+        finally:
+            # Not while waiting for a limit or a cancelled body: that wait stops by itself.
+            if self._stop_when_done:
+                self.loop.stop()
 
     def maker_for(self, task: Any) -> async_sessionmaker[Any]:
         """The session factory of ``task``'s class, resolved once per process."""

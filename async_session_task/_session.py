@@ -3,20 +3,49 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 
-@dataclass(eq=False, slots=True)
 class Run:
-    """One execution of a task body: its request and its session."""
+    """One execution of a task body: its request and its session.
 
-    task: Any
-    request: Any
-    session: AsyncSession
+    The session is made by ``maker`` on first use, then is the same object for the rest of
+    the run: a body that never touches the database pays neither for making the session nor
+    for closing it (an ``AsyncSession`` costs more to close than to make, even unused).
+    """
+
+    __slots__ = ("_maker", "_session", "request", "task")
+
+    def __init__(
+        self,
+        task: Any,
+        request: Any,
+        session: AsyncSession | None = None,
+        *,
+        maker: Callable[[], AsyncSession] | None = None,
+    ) -> None:
+        self.task = task
+        self.request = request
+        self._session = session
+        self._maker = maker
+
+    @property
+    def session(self) -> AsyncSession:
+        """This run's session, made on first access."""
+        session = self._session
+        if session is None:
+            assert self._maker is not None, "a Run has a session or a maker"
+            session = self._session = self._maker()
+        return session
+
+    @property
+    def opened_session(self) -> AsyncSession | None:
+        """The session if it was made already, without making one."""
+        return self._session
 
 
 #: The run whose coroutine is executing. Set on the event loop, in the run's own context,

@@ -38,8 +38,8 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
     """Base for tasks whose body is ``async def`` and uses ``self.session``.
 
     The body runs on this process's event loop; each run gets its own ``AsyncSession``,
-    created in ``before_start`` and closed (rolling back whatever was not committed)
-    when the body ends, whatever the outcome.
+    created on first use of ``self.session`` and closed (rolling back whatever was not
+    committed) when the body ends, whatever the outcome.
 
     Class attributes (also accepted as ``@app.task(...)`` options):
 
@@ -108,18 +108,11 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         return run.session
 
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Create this run's session."""
+        """Register this run; its session is made on first use."""
         request = self.request
-        runs.add(Run(self, request, get_runtime().maker_for(self)()))
+        # The factory is resolved now, so a misconfigured task still fails every run.
+        runs.add(Run(self, request, maker=get_runtime().maker_for(self)))
         _forward_publishing(self.app)
-
-    def after_return(self, *args: Any, **kwargs: Any) -> None:
-        """Forget this run's session; the run closed it already. Idempotent.
-
-        Celery skips this hook for RETRY, IGNORED and REJECTED (TRAPS 1), and may call it in
-        a prefork parent that never had the session (TRAPS 3): ``task_postrun`` repeats it.
-        """
-        runs.discard(self.request)
 
     def retry(self, *args: Any, **kwargs: Any) -> Retry:
         """Celery's ``Task.retry``. Inside the body, the retry is published by the worker
@@ -140,10 +133,11 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
 
     def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         request = self.request
+        runtime = get_runtime()
         run = runs.get(request)
         owned = run is None
         if run is None:  # called directly, without before_start (TRAPS 5)
-            run = Run(self, request, get_runtime().maker_for(self)())
+            run = Run(self, request, maker=runtime.maker_for(self))
             runs.add(run)
         try:
             body = self._body(*args, **kwargs)
@@ -152,7 +146,6 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                     f"{self.name}: the body returned {type(body).__name__}, not a coroutine; "
                     "an AsyncSessionTask body must be 'async def'."
                 )
-            runtime = get_runtime()
             soft, hard = self._time_limits(request, runtime)
             invocation = _invoke(run, body, self.autocommit, soft)
             if runtime.on_loop():
@@ -212,14 +205,17 @@ async def _invoke(
                 f"{run.task.name}: the body returned {type(result).__name__} instead of "
                 "its value; await it: 'return await ...'."
             )
-        if autocommit:
-            await run.session.commit()
+        session = run.opened_session
+        if autocommit and session is not None:  # an unused session has nothing to commit
+            await session.commit()
         return result
     finally:
         current_run.reset(token)
         # Rolls back what was not committed and returns the connection to the pool. A run
         # is cancelled at most once, so this await is not interrupted by that cancellation.
-        await run.session.close()
+        session = run.opened_session
+        if session is not None:
+            await session.close()
 
 
 def _sync_run(function: Callable[..., Any], *, bound: bool) -> Callable[..., Any]:
@@ -264,7 +260,10 @@ def _as_parent(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _forget(sender: Any = None, **_: Any) -> None:
-    # task_postrun fires on every outcome but a killed process (TRAPS 4).
+    # task_postrun fires on every outcome but a killed process (TRAPS 4), after_return not
+    # for RETRY, IGNORED, REJECTED (TRAPS 1), nor in eager mode for a propagated failure
+    # (TRAPS 2), and in a prefork parent after a hard time limit (TRAPS 3): the run is
+    # forgotten here only, once, while the tracer still has its request on the stack.
     if isinstance(sender, AsyncSessionTask):
         runs.discard(sender.request)
 

@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 import weakref
-from types import FrameType
+from types import CoroutineType, FrameType
 from typing import Any
 
 from greenlet import getcurrent, greenlet
@@ -138,13 +138,19 @@ class Watchdog:
 def running(loop: asyncio.AbstractEventLoop) -> Run | None:
     """The run whose coroutine holds ``loop`` right now, read from another thread.
 
-    The loop's current asyncio task runs ``_task._invoke(run, ...)``; its frame holds the run.
+    The loop's current asyncio task runs ``_task._invoke(run, ...)``, or (where the loop runs
+    inline) awaits it from the runtime's wrapper: that coroutine's frame holds the run.
     """
     task = asyncio.current_task(loop)
-    frame = getattr(task.get_coro() if task is not None else None, "cr_frame", None)
-    for value in frame.f_locals.values() if frame is not None else ():
-        if isinstance(value, Run):
-            return value
+    coro = task.get_coro() if task is not None else None
+    for _ in range(2):  # _invoke's frame, or the inline wrapper's and then _invoke's
+        frame = getattr(coro, "cr_frame", None)
+        coro = None
+        for value in frame.f_locals.values() if frame is not None else ():
+            if isinstance(value, Run):
+                return value
+            if isinstance(value, CoroutineType):
+                coro = value  # cr_await is None while it runs, so its local is followed
     return None
 
 
