@@ -10,8 +10,8 @@ same demo runs on PostgreSQL and Redis when given their URLs (flags or environme
     python3 examples/demo.py --database-url postgresql+asyncpg://user@127.0.0.1/dbname \\
         --broker-url redis://127.0.0.1:6379/0
 
-Each task moves an amount between two accounts: it reads the source balance, writes both
-balances and a transfer row, and commits. Every 25th transfer fails once after writing (a
+Each task moves an amount between two accounts: it locks both, writes both balances and a
+transfer row, and commits. Every 25th transfer fails once after writing (a
 stand-in for a dropped connection) and is retried with backoff; its uncommitted writes are
 rolled back when its session closes, so the total of all balances never changes.
 """
@@ -131,12 +131,18 @@ def configure() -> None:
 configure()
 
 
-async def source_balance(account_id: int) -> int:
-    """A repository function: it finds the run's session with current_session()."""
-    balance = await current_session().scalar(
-        select(Account.balance).where(Account.id == account_id)
+async def lock_balances(*ids: int) -> dict[int, int]:
+    """The accounts' balances, their rows locked for this transaction in one order (lowest
+    id first): two transfers between the same accounts in opposite directions then wait for
+    each other instead of deadlocking. (SQLite has no row locks; it runs one writer at a
+    time.)"""
+    query = (
+        select(Account.id, Account.balance)
+        .where(Account.id.in_(ids))
+        .order_by(Account.id)
+        .with_for_update()
     )
-    return int(balance or 0)
+    return dict((await current_session().execute(query)).tuples().all())
 
 
 @app.task(
@@ -152,7 +158,8 @@ async def transfer(
     self: AsyncSessionTask, number: int, source: int, target: int, amount: int, flaky: bool
 ) -> dict[str, Any]:
     session = self.session
-    moved = min(amount, await source_balance(source))
+    moved = min(amount, (await lock_balances(source, target))[source])
+    # Relative updates: on SQLite, where nothing is locked, no concurrent write is lost.
     await session.execute(
         update(Account).where(Account.id == source).values(balance=Account.balance - moved)
     )
