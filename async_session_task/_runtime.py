@@ -119,7 +119,8 @@ class Runtime:
                     "loop's code instead."
                 )
             return self._call_inline(coro, context, name, time_limit)
-        call = Call(self.loop, coro, context, self.new_waiter())
+        waiter = self.new_waiter()
+        call = Call(self.loop, coro, context, waiter)
         self.loop.call_soon_threadsafe(call.start)
         try:
             if not call.wait(time_limit):
@@ -134,6 +135,8 @@ class Runtime:
                     CANCEL_GRACE,
                 )
             raise
+        finally:
+            waiter.close()
         result: T = call.result()
         return result
 

@@ -30,6 +30,9 @@ class Waiter(Protocol):
     def wait(self, timeout: float | None = None) -> bool:
         """Block the caller (cooperatively) until notified; False on timeout."""
 
+    def close(self) -> None:
+        """Called by the caller when it stops waiting; later notifications are dropped."""
+
 
 def original(module: str, name: str) -> Any:
     """The unpatched primitive, even when gevent or eventlet monkey-patched it (TRAPS 14)."""
@@ -60,28 +63,43 @@ class LockWaiter:
     def wait(self, timeout: float | None = None) -> bool:
         return bool(self._lock.acquire(timeout=-1 if timeout is None else timeout))
 
+    def close(self) -> None:
+        pass
+
 
 class GeventWaiter:
-    __slots__ = ("_event", "_watcher")
+    """Only ``send()`` of a gevent watcher may be called from another thread: the caller
+    closes the watcher in its own thread when it stops waiting, and the lock keeps a late
+    ``notify()`` off a closed one. (Left to garbage collection, watchers piled up on the
+    caller's hub between collections, and were closed by whichever thread collected them.)
+    """
+
+    __slots__ = ("_event", "_lock", "_watcher")
 
     def __init__(self) -> None:
         import gevent
         from gevent.event import Event
 
         self._event = Event()
-        self._watcher = gevent.get_hub().loop.async_()
+        self._lock = original("_thread", "allocate_lock")()
+        self._watcher: Any = gevent.get_hub().loop.async_()
         self._watcher.start(self._event.set)
 
     def notify(self) -> None:
-        self._watcher.send()
+        with self._lock:
+            if self._watcher is not None:
+                self._watcher.send()
 
     def wait(self, timeout: float | None = None) -> bool:
         woken = bool(self._event.wait(timeout))
         self._event.clear()  # before the caller looks at what changed: no wake-up is lost
         return woken
 
-    def __del__(self) -> None:
-        self._watcher.close()
+    def close(self) -> None:
+        with self._lock:
+            watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.close()
 
 
 class _EventletWakeups:
@@ -141,6 +159,9 @@ class EventletWaiter:
         while not self._queue.empty():
             self._queue.get_nowait()
         return True
+
+    def close(self) -> None:
+        pass
 
 
 def hold_hub() -> Any:
