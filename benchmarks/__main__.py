@@ -115,10 +115,19 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bridge(options: argparse.Namespace, database: str) -> dict[str, Any]:
+    """The bridge with a loop thread (and the DB body); then, in another process, with
+    the loop inline, as in prefork children and solo workers."""
+    result = _bridge_process(options, database, "--db-calls", str(options.db_calls))
+    if "error" not in result:
+        result["inline"] = _bridge_process(options, database, "--inline")
+    return result
+
+
+def _bridge_process(options: argparse.Namespace, database: str, *args: str) -> dict[str, Any]:
     command = [
-        sys.executable, "-m", "benchmarks.bridge",
-        "--calls", str(options.bridge_calls), "--db-calls", str(options.db_calls),
+        sys.executable, "-m", "benchmarks.bridge", "--calls", str(options.bridge_calls),
         "--rows", str(max(options.tasks, options.io_tasks)), "--rounds", str(options.rounds),
+        *args,
     ]  # fmt: skip
     env = {**os.environ, "AST_BENCH_DATABASE": database}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)

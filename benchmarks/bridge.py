@@ -4,8 +4,11 @@
 CPU microseconds per call of each way to run ``async def body(x): return x`` (the trivial
 ways), and of each way to run workload (a)'s DB body (read a row by primary key, increment,
 commit) without a broker: plain asyncio, the library, plain sync SQLAlchemy, the sync pattern.
-Medians and spread over the rounds; the ways alternate within each round. The trivial task's
-session is created and closed on every run, as in a worker, but never connects.
+Medians and spread over the rounds; the ways alternate within each round. The trivial task
+never touches its session, so none is made. With ``--inline`` the process runs its loop
+inline, in the calling thread, as a prefork child or a solo worker does; without it, in a
+loop thread, as every process that runs several tasks at once does (and any process that
+is not a worker).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from async_session_task import AsyncSessionTask
+from async_session_task import AsyncSessionTask, _runtime
 from benchmarks._apps import database_url, make_app
 
 app = make_app("bench_bridge", backend=False)
@@ -197,8 +200,11 @@ def measure(ways: dict[str, tuple[str, Way]], calls: int, rounds: int) -> dict[s
     }
 
 
-def run(calls: int, db_calls: int, rows: int, rounds: int) -> dict[str, Any]:
+def run(calls: int, db_calls: int, rows: int, rounds: int, inline: bool = False) -> dict[str, Any]:
     """The trivial ways, then (if ``db_calls``) the DB ways."""
+    if inline:
+        # What worker_process_init does in a prefork child or a solo worker.
+        _runtime._mark_one_at_a_time()
     ways = measure(WAYS, calls, rounds)
     median = {name: way["median"] for name, way in ways.items()}
     result: dict[str, Any] = {
@@ -223,8 +229,13 @@ def main() -> None:
     parser.add_argument("--db-calls", type=int, default=0, help="0: no DB ways")
     parser.add_argument("--rows", type=int, default=1, help="counter rows per implementation")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--inline", action="store_true", help="the loop in the calling thread")
     options = parser.parse_args()
-    print(json.dumps(run(options.calls, options.db_calls, options.rows, options.rounds)))
+    print(
+        json.dumps(
+            run(options.calls, options.db_calls, options.rows, options.rounds, options.inline)
+        )
+    )
 
 
 if __name__ == "__main__":

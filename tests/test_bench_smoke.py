@@ -75,6 +75,9 @@ def test_in_process_measures_every_way(results: dict[str, Any]) -> None:
         assert len(way["rounds"]) == 2
         assert way["min"] <= way["median"] <= way["max"]
     assert isinstance(bridge["overhead_us"], float)
+    # The same ways in a process that runs its loop inline, as prefork children do.
+    assert set(bridge["inline"]["ways"]) == set(WAYS)
+    assert isinstance(bridge["inline"]["overhead_us"], float)
     # The DB body in process: each of the five ways ran (and committed) against PostgreSQL.
     assert set(bridge["db"]) == {"asyncio", "library_call", "library_apply", "sync", "sync_apply"}
     assert all(way["cpu_median"] > 0 for way in bridge["db"].values())
