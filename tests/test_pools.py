@@ -119,6 +119,11 @@ def test_revoke_terminate_stops_the_body(start_worker: StartWorker, pool: str) -
         k = key()
         result = worker.send(pg_app.sleepy, k, 30, soft_time_limit=60)
         wait_until_started(worker, k)
+        # Until the worker lists the run as active. A prefork parent learns that a child
+        # accepted a job a moment after the child starts it; a revoke that arrives before
+        # marks the task revoked without killing the child (seen: the warm shutdown at the
+        # end then waited for the whole 30 s run).
+        wait_for(lambda: result.id in active_ids(worker), worker, f"{k} never listed active")
         worker.worker.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
         with pytest.raises(Exception, match=r"(?i)revoked|terminated|SIGKILL"):
             result.get(timeout=WAIT)
@@ -255,6 +260,13 @@ def peak_overlap(reports: list[dict[str, Any]]) -> int:
         running += change
         peak = max(peak, running)
     return peak
+
+
+def active_ids(worker: ServiceWorker) -> set[str]:
+    """Ids of the runs the worker reports as active (``celery inspect active``)."""
+    inspect = worker.worker.app.control.inspect([worker.worker.nodename], timeout=1)
+    replies = inspect.active() or {}
+    return {request["id"] for requests in replies.values() for request in requests}
 
 
 def wait_until_active(worker: ServiceWorker) -> None:
