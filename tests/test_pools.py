@@ -97,6 +97,22 @@ def test_hard_time_limit_on_pools_without_one(start_worker: StartWorker, pool: s
         assert_clean_stop(worker)
 
 
+def test_hard_time_limit_on_gevent_cancels_the_body(start_worker: StartWorker) -> None:
+    """gevent's own hard limit (a gevent.Timeout in the waiting greenlet): the coroutine on
+    the loop is cancelled too, its finally runs and its work is rolled back, so nothing runs
+    on for a task Celery considers finished."""
+    with start_worker(pool="gevent", concurrency=concurrency_of("gevent")) as worker:
+        k = key()
+        with pytest.raises(TimeLimitExceeded):
+            worker.send(pg_app.sleepy, k, 30, soft_time_limit=60, time_limit=2).get(timeout=WAIT)
+        wait_for_log(worker, f"sleepy {k}: finally ran")
+        assert f"sleepy {k}: cancelled at its await" in worker.worker.log
+        assert notes(worker, k) == []
+        assert worker.send(pg_app.probe).get(timeout=WAIT)["current_session_same"]
+        assert_no_open_transaction(worker)
+        assert_clean_stop(worker)
+
+
 def test_hard_time_limit_on_prefork_replaces_the_child(start_worker: StartWorker) -> None:
     """TRAPS 3: the child is killed; the parent's after_return has no session and copes."""
     with start_worker(pool="prefork", concurrency=1) as worker:
