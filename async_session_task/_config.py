@@ -3,7 +3,8 @@
 Each setting is read from the task class first (a subclass for a second database sets
 its own), then from ``app.conf``. The result is resolved once per task class and process,
 at the task's first run; :func:`check_worker_tasks` checks every task at worker start too,
-so a bad setting is in the log before the first message arrives.
+so a bad setting is in the log before the first message arrives, and
+:func:`check_pool_capacity` warns when an engine's pool is smaller than the concurrency.
 
 No message made here shows a database password: URLs are rendered with
 ``hide_password=True``, and errors that could echo the URL are not chained.
@@ -24,6 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool
 
 logger = logging.getLogger("async_session_task")
 
@@ -287,6 +289,68 @@ def check_worker_tasks(sender: Any = None, **_: Any) -> None:
                 logger.error("Task %s will fail every run: %s", name, exc)
 
 
+def engines_of(maker: async_sessionmaker[Any]) -> list[AsyncEngine]:
+    """The async engines a maker binds its sessions to."""
+    bind = maker.kw.get("bind")
+    binds = maker.kw.get("binds") or {}
+    return [e for e in (bind, *binds.values()) if isinstance(e, AsyncEngine)]
+
+
+def check_pool_capacity(sender: Any = None, **_: Any) -> None:
+    """``worker_init``: warn once when one process runs more tasks at once than its engine
+    can give connections to (threads, gevent, eventlet; prefork and solo run one at a time)."""
+    from ._task import AsyncSessionTask  # _task imports this module
+
+    pool_module = getattr(getattr(sender, "pool_cls", None), "__module__", "") or ""
+    concurrency = getattr(sender, "concurrency", None)
+    if not concurrency or pool_module.endswith(("prefork", "solo")):
+        return
+    warned: set[tuple[Any, ...]] = set()
+    for task in sender.app.tasks.values():
+        if not isinstance(task, AsyncSessionTask):
+            continue
+        try:
+            settings = Settings.of(task)
+            capacity, where = _capacity(settings)
+        except Exception:  # misconfiguration is reported by check_worker_tasks
+            continue
+        if capacity is None or capacity >= concurrency or where in warned:
+            continue
+        warned.add(where)
+        logger.warning(
+            "The connection pool holds at most %d connections, but this worker runs up to "
+            "%d tasks at once in one process: runs will wait for a connection (and fail "
+            "after pool_timeout). Raise pool_size/max_overflow in %s to %d or more.",
+            capacity,
+            concurrency,
+            "async_session_engine_options" if settings.maker is None else "your engine",
+            concurrency,
+        )
+
+
+def _capacity(settings: Settings) -> tuple[int | None, tuple[Any, ...]]:
+    """Most connections the settings' engine pool hands out (None: unbounded or unknown)."""
+    if settings.maker is None:
+        options = settings.engine_options
+        if "poolclass" in options or str(settings.url or "").startswith("sqlite"):
+            return None, ()
+        # QueuePool's defaults; a negative max_overflow means no limit.
+        size, overflow = options.get("pool_size", 5), options.get("max_overflow", 10)
+        key: tuple[Any, ...] = settings.engine_key()
+    else:
+        maker = resolve_maker(settings)
+        engines = engines_of(maker)
+        if len(engines) != 1 or not isinstance(engines[0].pool, QueuePool):
+            return None, ()
+        pool = engines[0].pool
+        # QueuePool keeps its overflow limit private; size() is public.
+        size, overflow = pool.size(), getattr(pool, "_max_overflow", -1)
+        key = (id(engines[0]),)
+    if overflow < 0:
+        return None, ()
+    return int(size) + int(overflow), key
+
+
 def _shown(url: str | URL | None) -> str | None:
     if url is None:
         return None
@@ -299,3 +363,4 @@ def _shown(url: str | URL | None) -> str | None:
 # worker_init fires once, in the worker's main process, for every pool, after the task
 # modules were imported (celery/worker/worker.py); prefork children inherit the result.
 signals.worker_init.connect(check_worker_tasks, weak=False)
+signals.worker_init.connect(check_pool_capacity, weak=False)

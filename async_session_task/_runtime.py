@@ -25,7 +25,6 @@ from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from billiard.process import current_process
 from celery import signals
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlalchemy.pool import QueuePool
 
 from . import _config, _watchdog
 from ._call import Call
@@ -214,7 +213,7 @@ class Runtime:
         settings.check(task.name)
         if settings.maker is not None:
             maker = _config.resolve_maker(settings, task.name)
-            for engine in _engines_of(maker):
+            for engine in _config.engines_of(maker):
                 if all(engine is not seen for seen in self._foreign):
                     # The app's engine may have connected before this process existed (a
                     # prefork parent) or on another loop: start this process on a new pool
@@ -294,12 +293,6 @@ async def _dispose(engines: list[AsyncEngine]) -> None:
             logger.exception("Disposing %r failed", engine)
 
 
-def _engines_of(maker: async_sessionmaker[Any]) -> list[AsyncEngine]:
-    bind = maker.kw.get("bind")
-    binds = maker.kw.get("binds") or {}
-    return [e for e in (bind, *binds.values()) if isinstance(e, AsyncEngine)]
-
-
 _runtime: Runtime | None = None
 # Guards the slow paths only: first start in a process, first run of a task class.
 _lock = threading.Lock()
@@ -347,66 +340,10 @@ def shutdown(**_: Any) -> None:
         runtime.close()
 
 
-def check_pool_capacity(sender: Any = None, **_: Any) -> None:
-    """``worker_init``: warn once when one process runs more tasks at once than its engine
-    can give connections to (threads, gevent, eventlet; prefork and solo run one at a time)."""
-    from ._task import AsyncSessionTask  # _task imports this module
-
-    pool_module = getattr(getattr(sender, "pool_cls", None), "__module__", "") or ""
-    concurrency = getattr(sender, "concurrency", None)
-    if not concurrency or pool_module.endswith(("prefork", "solo")):
-        return
-    warned: set[tuple[Any, ...]] = set()
-    for task in sender.app.tasks.values():
-        if not isinstance(task, AsyncSessionTask):
-            continue
-        try:
-            settings = _config.Settings.of(task)
-            capacity, where = _capacity(settings)
-        except Exception:  # misconfiguration is reported by _config.check_worker_tasks
-            continue
-        if capacity is None or capacity >= concurrency or where in warned:
-            continue
-        warned.add(where)
-        logger.warning(
-            "The connection pool holds at most %d connections, but this worker runs up to "
-            "%d tasks at once in one process: runs will wait for a connection (and fail "
-            "after pool_timeout). Raise pool_size/max_overflow in %s to %d or more.",
-            capacity,
-            concurrency,
-            "async_session_engine_options" if settings.maker is None else "your engine",
-            concurrency,
-        )
-
-
-def _capacity(settings: _config.Settings) -> tuple[int | None, tuple[Any, ...]]:
-    """Most connections the settings' engine pool hands out (None: unbounded or unknown)."""
-    if settings.maker is None:
-        options = settings.engine_options
-        if "poolclass" in options or str(settings.url or "").startswith("sqlite"):
-            return None, ()
-        # QueuePool's defaults; a negative max_overflow means no limit.
-        size, overflow = options.get("pool_size", 5), options.get("max_overflow", 10)
-        key: tuple[Any, ...] = settings.engine_key()
-    else:
-        maker = _config.resolve_maker(settings)
-        engines = _engines_of(maker)
-        if len(engines) != 1 or not isinstance(engines[0].pool, QueuePool):
-            return None, ()
-        pool = engines[0].pool
-        # QueuePool keeps its overflow limit private; size() is public.
-        size, overflow = pool.size(), getattr(pool, "_max_overflow", -1)
-        key = (id(engines[0]),)
-    if overflow < 0:
-        return None, ()
-    return int(size) + int(overflow), key
-
-
 # No single hook fires for every pool (TRAPS 12): prefork children that exit normally send
 # worker_process_shutdown; the main process sends worker_shutdown (solo, threads, gevent,
 # eventlet); atexit covers scripts and the in-process test worker.
 signals.worker_process_shutdown.connect(shutdown, weak=False)
 signals.worker_shutdown.connect(shutdown, weak=False)
-signals.worker_init.connect(check_pool_capacity, weak=False)
 signals.worker_process_init.connect(_mark_one_at_a_time, weak=False)
 atexit.register(shutdown)
