@@ -18,7 +18,7 @@ from celery import Celery
 from sqlalchemy import create_engine
 
 from async_session_task.testing import WorkerProcess, worker_process
-from tests.apps import pg_app
+from tests.apps import models, pg_app
 
 REQUIRE_SERVICES = os.environ.get("ASYNC_SESSION_TASK_REQUIRE_SERVICES") == "1"
 
@@ -81,7 +81,7 @@ def database_url(services: None) -> Iterator[str]:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.execute(f"CREATE DATABASE {name}")
     engine = create_engine(f"postgresql+psycopg://root@127.0.0.1/{name}")
-    pg_app.Base.metadata.create_all(engine)
+    models.Base.metadata.create_all(engine)
     engine.dispose()
     yield f"postgresql+asyncpg://root@127.0.0.1/{name}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:

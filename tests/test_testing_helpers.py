@@ -23,7 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from async_session_task import AsyncSessionTask
 from async_session_task.testing import WorkerProcess, file_broker_settings, rollback_sessions
-from tests.apps import pg_app, sqlite_app
+from tests.apps import models, pg_app, sqlite_app
 
 pytest_plugins = ["pytester"]
 
@@ -238,7 +238,7 @@ def sqlite_state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("sqlite-app")
     env = sqlite_app.configure(folder)
     engine = create_engine(f"sqlite:///{folder / 'data.db'}")
-    sqlite_app.Base.metadata.create_all(engine)
+    models.Base.metadata.create_all(engine)
     engine.dispose()
     return env
 

@@ -16,22 +16,12 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Ignore, Reject
 from sqlalchemy import Integer, String, func, select, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
 from async_session_task import AsyncSessionTask, current_session
+from tests.apps.models import Base, Note
 
 logger = logging.getLogger(__name__)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Note(Base):
-    __tablename__ = "notes"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    key: Mapped[str] = mapped_column(String(64), index=True)
-    text: Mapped[str] = mapped_column(String(200))
 
 
 class Counter(Base):

@@ -10,23 +10,11 @@ import os
 from pathlib import Path
 
 from celery import Celery
-from sqlalchemy import Integer, String, func, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import func, select
 
 from async_session_task import AsyncSessionTask, current_session
 from async_session_task.testing import file_broker_settings
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Note(Base):
-    __tablename__ = "notes"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    key: Mapped[str] = mapped_column(String(64), index=True)
-    text: Mapped[str] = mapped_column(String(200))
-
+from tests.apps.models import Note
 
 app = Celery("tests.apps.sqlite_app", set_as_current=False)
 
