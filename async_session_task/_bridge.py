@@ -29,16 +29,12 @@ class _BodyGreenlet(greenlet):
 
     def __init__(self) -> None:
         super().__init__(_serve)
+        #: The ended body's value or exception, until drive() takes it.
+        self.outcome: tuple[Any, BaseException | None] = (None, None)
 
 
-class _Finished:
-    """What a body greenlet hands up when the body has ended: its value or its exception."""
-
-    __slots__ = ("error", "value")
-
-    def __init__(self, value: Any, error: BaseException | None) -> None:
-        self.value = value
-        self.error = error
+#: What a body greenlet hands up when the body has ended (its outcome is on the greenlet).
+_FINISHED = object()
 
 
 class _Yield:
@@ -60,17 +56,22 @@ _POOL_SIZE = 64
 
 
 def _serve(coro: Coroutine[Any, Any, Any]) -> None:
-    while True:  # idle between bodies in the switch, holding only the ended coroutine
-        coro = _parent().switch(_run(coro))
+    body: Any = getcurrent()
+    while True:
+        body.outcome = _run(coro)
+        # Idle in this switch until the next body, holding only the ended coroutine: the
+        # outcome travels on the greenlet, not as the switch's argument, which this frame
+        # would keep (and with it the last result or traceback) while the greenlet is idle.
+        coro = _parent().switch(_FINISHED)
 
 
-def _run(coro: Coroutine[Any, Any, Any]) -> _Finished:
+def _run(coro: Coroutine[Any, Any, Any]) -> tuple[Any, BaseException | None]:
     try:
-        return _Finished(_step(coro), None)
+        return _step(coro), None
     except GreenletExit:
         raise  # this greenlet is being collected: let it die
     except BaseException as exc:  # handed to drive(), which raises it
-        return _Finished(None, exc)
+        return None, exc
 
 
 def _step(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -101,7 +102,7 @@ async def drive(coro: Coroutine[Any, Any, T]) -> T:
     body.gr_context = getcurrent().gr_context
     # A _Yield of the body, or the coroutine of a nested call (await_in_body).
     awaitable: Any = body.switch(coro)
-    while type(awaitable) is not _Finished:
+    while awaitable is not _FINISHED:
         if body.dead:  # ended by GreenletExit, which it returned: as an unpooled greenlet
             ended: T = awaitable
             return ended
@@ -111,16 +112,17 @@ async def drive(coro: Coroutine[Any, Any, T]) -> T:
             awaitable = body.throw(exc)
         else:
             awaitable = body.switch(sent)
-    body.gr_context = None  # the run's context is not kept alive by an idle greenlet
+    result: T
+    result, error = body.outcome
+    # Neither the run's context nor its outcome is kept alive by an idle greenlet.
+    body.gr_context, body.outcome = None, (None, None)
     if len(pool) < _POOL_SIZE:
         pool.append(body)
-    error: BaseException | None = awaitable.error
     if error is not None:
         try:
             raise error
         finally:  # no cycle through this frame's traceback
-            error = awaitable = None
-    result: T = awaitable.value
+            error = None
     return result
 
 
