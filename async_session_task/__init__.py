@@ -1,6 +1,6 @@
 """Celery tasks with ``async def`` bodies and one SQLAlchemy ``AsyncSession`` per run."""
 
-from . import _control  # noqa: F401  # registers the inspect command
+from . import _worker  # noqa: F401  # connects the package's signals and inspect command
 from ._session import current_session
 from ._task import AsyncSessionTask
 

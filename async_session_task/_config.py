@@ -1,10 +1,9 @@
 """Settings: where a task's sessions come from, and the errors that say what is wrong.
 
-Each setting is read from the task class first (a subclass for a second database sets
-its own), then from ``app.conf``. The result is resolved once per task class and process,
-at the task's first run; :func:`check_worker_tasks` checks every task at worker start too,
-so a bad setting is in the log before the first message arrives, and
-:func:`check_pool_capacity` warns when an engine's pool is smaller than the concurrency.
+A leaf module (it imports nothing of this package): pure functions from a task and its app's
+``app.conf`` to what a run needs. :func:`session_factory` is the only way from settings to
+an ``async_sessionmaker``: a task's first run in a process and the worker-start check both
+use it, so they cannot disagree.
 
 No message made here shows a database password: URLs are rendered with
 ``hide_password=True``, and errors that could echo the URL are not chained.
@@ -13,12 +12,10 @@ No message made here shows a database password: URLs are rendered with
 from __future__ import annotations
 
 import inspect
-import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import signals
 from celery.exceptions import ImproperlyConfigured
 from celery.utils.imports import symbol_by_name
 from sqlalchemy.engine import URL, make_url
@@ -27,20 +24,24 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
-logger = logging.getLogger("async_session_task")
-
-#: Every setting this library reads, with its default.
+#: The settings that say where a task's sessions come from, with their defaults.
 DEFAULTS: Mapping[str, Any] = {
     "async_session_url": None,
     "async_session_engine_options": {},
     "async_session_options": {},
     "async_session_maker": None,
 }
+#: The two settings of which a task or the app sets exactly one.
+SOURCES = ("async_session_url", "async_session_maker")
 
 #: Options given to every ``async_sessionmaker`` built from ``async_session_url``.
 #: ``expire_on_commit=False``: after ``commit()`` the body can still read attributes
 #: without another round trip (an expired attribute would need an implicit, awaited load).
 SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False}
+
+#: Seconds the loop may stay unresponsive before the watchdog warns (``app.conf`` only).
+STALL_THRESHOLD = "async_session_stall_threshold"
+DEFAULT_STALL_THRESHOLD = 1.0
 
 #: The asyncio driver to suggest for a URL whose driver is sync or not named.
 ASYNC_DRIVERS: Mapping[str, str] = {
@@ -54,6 +55,9 @@ ASYNC_DRIVERS: Mapping[str, str] = {
 
 _EXAMPLE_URL = "'postgresql+asyncpg://user:password@host/dbname' or 'sqlite+aiosqlite:///path.db'"
 
+#: Equal for settings that share one engine: the URL (password included) and the options.
+EngineKey = tuple[str, str]
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -66,12 +70,21 @@ class Settings:
 
     @classmethod
     def of(cls, task: Any) -> Settings:
-        """Read the settings of ``task``: its class attributes first, then ``app.conf``."""
+        """Read the settings of ``task`` (a class attribute or ``@app.task`` option of the
+        task, else ``app.conf``).
+
+        Where sessions come from is chosen as one unit: if the task sets
+        ``async_session_url`` or ``async_session_maker``, its own pair and its own options
+        are used and the app's are not read (a task for a second database); otherwise the
+        app's pair, with each option read from the task first, then from ``app.conf``.
+        """
+        own = {name: getattr(task, name, None) for name in DEFAULTS}
+        chooses_source = any(own[name] is not None for name in SOURCES)
         conf = task.app.conf
 
         def read(name: str) -> Any:
-            value = getattr(task, name, None)
-            if value is None:
+            value = own[name]
+            if value is None and not chooses_source:
                 value = conf.get(name)
             return DEFAULTS[name] if value is None else value
 
@@ -90,7 +103,7 @@ class Settings:
             f"maker={self.maker!r})"
         )
 
-    def engine_key(self) -> tuple[str, str]:
+    def engine_key(self) -> EngineKey:
         """Tasks with equal URL and options share one engine, so one connection pool."""
         assert self.url is not None
         url = (
@@ -256,37 +269,27 @@ def create_engine(settings: Settings) -> AsyncEngine:
         ) from None
 
 
-def validate(task: Any) -> None:
-    """Check everything a first run of ``task`` would need, without connecting.
+def session_factory(
+    settings: Settings, engines: MutableMapping[EngineKey, AsyncEngine]
+) -> async_sessionmaker[Any]:
+    """The session factory ``settings`` describe: the only way from settings to sessions.
+
+    Used by a task's first run in a process and by the worker-start check alike, so both
+    fail with the same message. Engines built from ``async_session_url`` are taken from, or
+    added to, ``engines``: tasks with the same URL and options share one engine. Creating
+    an engine does not connect.
 
     Raises:
-        ImproperlyConfigured: with the message the first run would fail with.
+        ImproperlyConfigured: the settings cannot make sessions; the message says why.
     """
-    settings = Settings.of(task)
-    settings.check(task.name)
+    settings.check()
     if settings.maker is not None:
-        resolve_maker(settings, task.name)
-    else:
-        create_engine(settings).sync_engine.dispose(close=False)
-
-
-def check_worker_tasks(sender: Any = None, **_: Any) -> None:
-    """``worker_init``: log every misconfigured ``AsyncSessionTask`` of the worker's app.
-
-    The worker still starts (it may serve other tasks); such a task fails each run with
-    the same :class:`ImproperlyConfigured` message.
-    """
-    from ._task import AsyncSessionTask  # _task imports this module
-
-    app = getattr(sender, "app", None)
-    if app is None:
-        return
-    for name, task in sorted(app.tasks.items()):
-        if isinstance(task, AsyncSessionTask):
-            try:
-                validate(task)
-            except ImproperlyConfigured as exc:
-                logger.error("Task %s will fail every run: %s", name, exc)
+        return resolve_maker(settings)
+    key = settings.engine_key()
+    engine = engines.get(key)
+    if engine is None:
+        engine = engines[key] = create_engine(settings)
+    return async_sessionmaker(engine, **{**SESSION_DEFAULTS, **settings.session_options})
 
 
 def engines_of(maker: async_sessionmaker[Any]) -> list[AsyncEngine]:
@@ -296,40 +299,9 @@ def engines_of(maker: async_sessionmaker[Any]) -> list[AsyncEngine]:
     return [e for e in (bind, *binds.values()) if isinstance(e, AsyncEngine)]
 
 
-def check_pool_capacity(sender: Any = None, **_: Any) -> None:
-    """``worker_init``: warn once when one process runs more tasks at once than its engine
-    can give connections to (threads, gevent, eventlet; prefork and solo run one at a time)."""
-    from ._task import AsyncSessionTask  # _task imports this module
-
-    pool_module = getattr(getattr(sender, "pool_cls", None), "__module__", "") or ""
-    concurrency = getattr(sender, "concurrency", None)
-    if not concurrency or pool_module.endswith(("prefork", "solo")):
-        return
-    warned: set[tuple[Any, ...]] = set()
-    for task in sender.app.tasks.values():
-        if not isinstance(task, AsyncSessionTask):
-            continue
-        try:
-            settings = Settings.of(task)
-            capacity, where = _capacity(settings)
-        except Exception:  # misconfiguration is reported by check_worker_tasks
-            continue
-        if capacity is None or capacity >= concurrency or where in warned:
-            continue
-        warned.add(where)
-        logger.warning(
-            "The connection pool holds at most %d connections, but this worker runs up to "
-            "%d tasks at once in one process: runs will wait for a connection (and fail "
-            "after pool_timeout). Raise pool_size/max_overflow in %s to %d or more.",
-            capacity,
-            concurrency,
-            "async_session_engine_options" if settings.maker is None else "your engine",
-            concurrency,
-        )
-
-
-def _capacity(settings: Settings) -> tuple[int | None, tuple[Any, ...]]:
-    """Most connections the settings' engine pool hands out (None: unbounded or unknown)."""
+def pool_capacity(settings: Settings) -> tuple[int | None, tuple[Any, ...]]:
+    """Most connections the settings' engine pool hands out (None: unbounded or unknown),
+    and a key that is equal for tasks sharing that pool."""
     if settings.maker is None:
         options = settings.engine_options
         if "poolclass" in options or str(settings.url or "").startswith("sqlite"):
@@ -338,8 +310,7 @@ def _capacity(settings: Settings) -> tuple[int | None, tuple[Any, ...]]:
         size, overflow = options.get("pool_size", 5), options.get("max_overflow", 10)
         key: tuple[Any, ...] = settings.engine_key()
     else:
-        maker = resolve_maker(settings)
-        engines = engines_of(maker)
+        engines = engines_of(resolve_maker(settings))
         if len(engines) != 1 or not isinstance(engines[0].pool, QueuePool):
             return None, ()
         pool = engines[0].pool
@@ -351,6 +322,27 @@ def _capacity(settings: Settings) -> tuple[int | None, tuple[Any, ...]]:
     return int(size) + int(overflow), key
 
 
+def time_limits(task: Any, request: Any) -> tuple[float | None, float | None]:
+    """The (soft, hard) time limits of this run in seconds, resolved as Celery does: the
+    message's own (``apply_async(soft_time_limit=...)``), the task's, then ``app.conf``'s.
+
+    Eager and direct calls run without limits, as Celery runs them.
+    """
+    if request.is_eager or request.called_directly:
+        return None, None
+    hard, soft = request.timelimit or (None, None)
+    conf = task.app.conf
+    soft = soft or task.soft_time_limit or conf.task_soft_time_limit
+    hard = hard or task.time_limit or conf.task_time_limit
+    return soft, hard
+
+
+def stall_threshold(conf: Any) -> float:
+    """``async_session_stall_threshold`` in seconds (0: the watchdog is off)."""
+    configured = conf.get(STALL_THRESHOLD)
+    return DEFAULT_STALL_THRESHOLD if configured is None else float(configured)
+
+
 def _shown(url: str | URL | None) -> str | None:
     if url is None:
         return None
@@ -358,9 +350,3 @@ def _shown(url: str | URL | None) -> str | None:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<not a URL>"
-
-
-# worker_init fires once, in the worker's main process, for every pool, after the task
-# modules were imported (celery/worker/worker.py); prefork children inherit the result.
-signals.worker_init.connect(check_worker_tasks, weak=False)
-signals.worker_init.connect(check_pool_capacity, weak=False)

@@ -1,34 +1,36 @@
-"""One asyncio event loop per worker process, in a real OS thread, and the engines it owns.
+"""The event loop of a worker process: where it runs, how a run is handed to it, its limits.
 
-Lifecycle: :func:`get_runtime` starts the loop thread lazily, at the first run in a process
-(so a prefork parent never starts one), and keys it by ``os.getpid()``: a forked child sees
-its parent's loop object claim to be running, but the thread behind it does not exist there
-(TRAPS 11). :func:`shutdown` disposes the engines on the loop, then stops and closes it; it
-is wired to ``worker_process_shutdown``, ``worker_shutdown`` and ``atexit`` because no one
-of them fires for every pool (TRAPS 12), and it is idempotent.
+A process that runs one task at a time in its main thread (a prefork child, a solo worker)
+runs the loop right there, for the length of each run; any other process runs it in a real
+OS thread of its own, which the pool's threads or greenlets hand their runs to
+(docs/internals.md#monkey-patched-threads). :meth:`Runtime.run` is the one call that runs a
+coroutine and enforces both time limits where Celery does not.
+
+Lifecycle: :func:`get_runtime` starts the loop lazily, at the first run in a process (so a
+prefork parent never starts one), and keys it by ``os.getpid()``: a forked child sees its
+parent's loop object claim to be running, but the thread behind it does not exist there
+(docs/internals.md#fork). A loop thread that dies is replaced, never handed a run.
+:func:`shutdown` runs the stop hooks on the loop (engines are disposed there), then stops
+and closes it; it is idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
 import logging
 import os
 import signal
 import threading
-from collections.abc import Coroutine, Iterator, Mapping
-from contextvars import Context
+from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import Context, copy_context
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from billiard.process import current_process
-from celery import signals
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from celery import current_app
 
 from . import _config, _watchdog
-from ._call import Call
-from ._session import runs
+from ._crossing import Crossing
 from ._waiters import LockWaiter, hold_hub, original, waiter_class
 
 T = TypeVar("T")
@@ -36,314 +38,327 @@ logger = logging.getLogger("async_session_task")
 
 #: Seconds a cancelled run may take to finish its cleanup before it is reported.
 CANCEL_GRACE = 10.0
-#: Seconds :func:`shutdown` waits for engines to be disposed.
+#: Seconds :func:`shutdown` waits for the stop hooks and for the loop thread.
 SHUTDOWN_GRACE = 10.0
 
 
+@dataclass
+class Hooks:
+    """What the package runs on every loop it starts, set once at import by the task class
+    (the loop itself knows nothing of sessions)."""
+
+    #: The loop's task factory.
+    task_factory: Any = None
+    #: Awaited on the loop, in order, before it stops.
+    stopping: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: Called when a loop was lost (its thread died): what lived on it is unusable.
+    lost: list[Callable[[], None]] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        for hook in self.stopping:
+            await hook()
+
+
+hooks = Hooks()
+
+#: The worker of this process tree: its pool's name and the pid of its main process, set
+#: by ``worker_init`` (sent once, in the main process, before prefork children are forked).
+_worker: tuple[str, int] | None = None
+
+
+def set_worker_pool(pool: str, main_pid: int) -> None:
+    """Record the worker's pool (``prefork``, ``solo``, ``threads``, ``gevent``, ...)."""
+    global _worker
+    _worker = (pool, main_pid)
+
+
+def worker_pool() -> str | None:
+    """The pool of the worker this process belongs to; None outside a worker."""
+    return None if _worker is None else _worker[0]
+
+
+def _prefork_child() -> bool:
+    return _worker is not None and _worker[0] == "prefork" and os.getpid() != _worker[1]
+
+
+def _one_at_a_time() -> bool:
+    """A prefork child, or a solo worker: one task at a time, in the main thread."""
+    solo = _worker is not None and _worker[0] == "solo" and os.getpid() == _worker[1]
+    return (solo or _prefork_child()) and threading.current_thread() is threading.main_thread()
+
+
 class Runtime:
-    """The event loop of this process, the thread that runs it, and what lives on it."""
+    """The event loop of this process and the thread that runs it (or not: ``inline``)."""
 
     loop: asyncio.AbstractEventLoop
 
-    def __init__(self, *, inline: bool = False) -> None:
+    def __init__(self) -> None:
         self.pid = os.getpid()
         self.closed = False
-        self.inline = inline
+        self.alive = True
+        self.inline = _one_at_a_time()
+        # Prefork children enforce both time limits themselves (SIGUSR1, then SIGKILL).
+        self.pool_enforces_limits = _prefork_child()
         self._stopped = LockWaiter()
-        self.new_waiter = waiter_class()
-        # Prefork children enforce time limits themselves (SIGUSR1, then SIGKILL); on
-        # every other pool, and in solo, the library enforces them for async bodies.
-        self.pool_enforces_limits = current_process().name.startswith("ForkPoolWorker")
-        self._engines: dict[tuple[str, str], AsyncEngine] = {}
-        self._makers: dict[type[Any], async_sessionmaker[Any]] = {}
-        self._foreign: list[AsyncEngine] = []
-        self._running: asyncio.Task[Any] | None = None
-        self._soft_limit_hit = False
-        self._stop_when_done = False
-        if inline:
-            # One task at a time in this thread (prefork child, solo): run the loop right
-            # here, per call, and skip the hop to another thread (issue 4).
+        self._new_waiter = waiter_class()
+        self._current: Crossing | None = None  # inline: the run in progress
+        self._waiting: set[Crossing] = set()  # the runs handed to the loop thread
+        if self.inline:
             self.loop = asyncio.new_event_loop()
+            self.loop.set_task_factory(hooks.task_factory)
             if self.pool_enforces_limits:
-                _catch_soft_limit(self)
+                self._catch_soft_limit()
         else:
             started = LockWaiter()
             original("_thread", "start_new_thread")(self._serve, (started,))
             started.wait()
-        _watchdog.watch(self.loop)  # a warning per loop stall (issue 6)
+        _watchdog.watch(self.loop, _config.stall_threshold(current_app.conf))
 
     def _serve(self, started: LockWaiter) -> None:
         # Made in its own thread: under gevent the selector belongs to this thread's hub.
         self.loop = asyncio.new_event_loop()
+        self.loop.set_task_factory(hooks.task_factory)
         asyncio.set_event_loop(self.loop)
         hub = hold_hub()  # noqa: F841  # kept alive for as long as the loop runs
         started.notify()
         try:
             self.loop.run_forever()
+        except BaseException:
+            logger.exception("The event loop thread of process %d failed.", self.pid)
         finally:
+            if not self.closed:
+                self._lose()
             self._stopped.notify()
+
+    def _lose(self) -> None:
+        self.alive = False
+        logger.error(
+            "The event loop thread of process %d stopped unexpectedly; the runs waiting on "
+            "it fail, and the next run starts a new loop.",
+            self.pid,
+        )
+        for crossing in list(self._waiting):
+            crossing.abandon(RuntimeError("The event loop running this task stopped."))
+        for hook in hooks.lost:
+            hook()
 
     def on_loop(self) -> bool:
         """True in the loop's own thread, where blocking on the loop would deadlock."""
         return asyncio._get_running_loop() is self.loop
 
-    def call(
-        self,
-        coro: Coroutine[Any, Any, T],
-        context: Context,
-        *,
-        name: str = "task",
-        time_limit: float | None = None,
-    ) -> T:
-        """Run ``coro`` on the loop in ``context`` and block (cooperatively) for its result.
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop and block for its result, with no time limit."""
+        return self.run(self.crossing(), coro)
 
-        If the wait is interrupted (prefork's soft time limit, ``gevent.Timeout``, a killed
-        greenlet, ``KeyboardInterrupt``), or lasts longer than ``time_limit`` seconds, the
-        coroutine is cancelled at its current await and given :data:`CANCEL_GRACE` seconds
-        to finish its cleanup (TRAPS 13, 17). Then the interruption is re-raised, or
-        ``TimeLimitExceeded`` raised for ``time_limit``.
+    def crossing(self) -> Crossing:
+        """A crossing for one run, to hand to :meth:`run`."""
+        return Crossing(self.loop, None if self.inline else self._new_waiter())
+
+    def run(
+        self,
+        crossing: Crossing,
+        coro: Coroutine[Any, Any, T],
+        *,
+        soft: float | None = None,
+        hard: float | None = None,
+        name: str = "task",
+    ) -> T:
+        """Run ``coro`` on the loop in a copy of the caller's context; block (cooperatively)
+        for its result.
+
+        ``soft`` and ``hard`` are the run's time limits in seconds, applied here unless the
+        pool enforces them (a prefork child). A run past its limit, or whose wait is
+        interrupted (prefork's soft limit, ``gevent.Timeout``, a killed greenlet), is
+        cancelled at its current await and given :data:`CANCEL_GRACE` seconds to clean up
+        (docs/internals.md#soft-limit-prefork, docs/internals.md#cancel-then-wait); then
+        ``SoftTimeLimitExceeded``/``TimeLimitExceeded``, or the interruption, is raised.
         """
         if self.on_loop():
             coro.close()
             raise RuntimeError(
-                "A blocking task call was made on the event loop thread: await the coroutine "
-                "instead, or call the task from the task body itself."
+                f"{name}: a blocking call was made on the event loop thread, outside a task "
+                "body: await the coroutine instead, or call the task from a task body."
             )
+        if self.inline and asyncio._get_running_loop() is not None:
+            coro.close()
+            raise RuntimeError(
+                f"{name}: an async task body was called from inside another running event "
+                "loop in a worker process that runs its loop inline; await it from that "
+                "loop's code instead."
+            )
+        if self.pool_enforces_limits:
+            soft = hard = None
+        if soft is not None:
+            coro = _within_soft_limit(coro, soft)
+        context = copy_context()
         if self.inline:
-            if asyncio._get_running_loop() is not None:
-                coro.close()
-                raise RuntimeError(
-                    "An async task body was called from inside another running event loop "
-                    "in a worker process that runs its loop inline; await it from that "
-                    "loop's code instead."
-                )
-            return self._call_inline(coro, context, name, time_limit)
-        waiter = self.new_waiter()
-        call = Call(self.loop, coro, context, waiter)
-        self.loop.call_soon_threadsafe(call.start)
+            return self._run_inline(crossing, coro, context, hard, name)
+        self._waiting.add(crossing)
+        self.loop.call_soon_threadsafe(crossing.start, coro, context)
         try:
-            if not call.wait(time_limit):
-                raise TimeLimitExceeded(time_limit)
-        except BaseException:
-            self.loop.call_soon_threadsafe(call.cancel)
-            if not call.wait(CANCEL_GRACE):
-                logger.warning(
-                    "%s: its cancelled body is still running %.0f s later (it ignores "
-                    "asyncio.CancelledError); its session stays open until it ends.",
-                    name,
-                    CANCEL_GRACE,
-                )
+            if not crossing.wait(hard):
+                self._cancel(crossing, TimeLimitExceeded(hard), name)
+        except BaseException as exc:
+            self._cancel(crossing, exc, name)
             raise
         finally:
-            waiter.close()
-        result: T = call.result()
+            self._waiting.discard(crossing)
+            crossing.close()
+        result: T = _outcome(crossing)
         return result
 
-    def _call_inline(
-        self, coro: Coroutine[Any, Any, T], context: Context, name: str, limit: float | None
-    ) -> T:
-        task = self._running = self.loop.create_task(self._inline(coro), context=context)
-        self._soft_limit_hit = False
+    def _cancel(self, crossing: Crossing, reason: BaseException, name: str) -> None:
+        self.loop.call_soon_threadsafe(crossing.cancel, reason)
+        if not crossing.wait(CANCEL_GRACE):
+            _still_running(name)
+
+    def _run_inline(
+        self, crossing: Crossing, coro: Coroutine[Any, Any, T], context: Context,
+        hard: float | None, name: str,
+    ) -> T:  # fmt: skip
+        self._current = crossing
+        crossing.start(coro, context)
+        timers: list[asyncio.TimerHandle] = []
+        if hard is not None:
+            timers.append(self.loop.call_later(hard, self._expire, hard, timers))
         try:
-            if limit is None:
-                # What run_until_complete(task) does, minus the loop pass that only runs its
-                # done callback: the body's own coroutine stops the loop as it ends.
-                self._stop_when_done = True
-                try:
-                    self.loop.run_forever()
-                finally:
-                    self._stop_when_done = False
-                if not task.done():  # something else stopped the loop
-                    raise RuntimeError("Event loop stopped before Future completed.")
-                # Raised here, as run_until_complete raises it: a body that the soft time
-                # limit cancelled ends in SoftTimeLimitExceeded below (TRAPS 13).
-                task.result()
-            elif not self.loop.run_until_complete(_finished(task, limit)):
-                raise TimeLimitExceeded(limit)
-        except BaseException:
-            if not task.done():  # interrupted from outside the body (TRAPS 13)
-                task.cancel()
-                if not self.loop.run_until_complete(_finished(task, CANCEL_GRACE)):
-                    logger.warning("%s: its cancelled body is still running.", name)
-            if self._soft_limit_hit and task.cancelled():
-                raise SoftTimeLimitExceeded() from None
+            self.loop.run_forever()  # until the crossing stops it, as its coroutine ends
+            if not crossing.done:
+                if crossing.cancelled is None:
+                    raise RuntimeError("Event loop stopped before the task body completed.")
+                _still_running(name)
+        except BaseException as exc:  # interrupted from outside the body
+            if not crossing.done:
+                crossing.cancel(exc)
+                timers.append(self.loop.call_later(CANCEL_GRACE, self.loop.stop))
+                self.loop.run_forever()
+                if not crossing.done:
+                    _still_running(name)
             raise
         finally:
-            self._running = None
-        result: T = task.result()
+            self._current = None
+            for timer in timers:
+                timer.cancel()
+        result: T = _outcome(crossing)
         return result
 
-    async def _inline(self, coro: Coroutine[Any, Any, T]) -> T:
-        try:
-            return await coro
-        finally:
-            # Not while waiting for a limit or a cancelled body: that wait stops by itself.
-            if self._stop_when_done:
-                self.loop.stop()
+    def _expire(self, hard: float, timers: list[asyncio.TimerHandle]) -> None:
+        crossing = self._current
+        if crossing is not None and not crossing.done:
+            crossing.cancel(TimeLimitExceeded(hard))
+            timers.append(self.loop.call_later(CANCEL_GRACE, self.loop.stop))
 
-    def maker_for(self, task: Any) -> async_sessionmaker[Any]:
-        """The session factory of ``task``'s class, resolved once per process."""
-        maker = self._makers.get(type(task))
-        if maker is None:
-            with _lock:
-                maker = self._makers.get(type(task))
-                if maker is None:
-                    maker = self._makers[type(task)] = self._resolve(task)
-        return maker
+    def _catch_soft_limit(self) -> None:
+        """Prefork child: turn the soft time limit into a cancellation of the running body.
 
-    @contextlib.contextmanager
-    def override_makers(
-        self, makers: Mapping[type[Any], async_sessionmaker[Any]]
-    ) -> Iterator[None]:
-        """Within the block, runs of these task classes take their sessions from ``makers``
-        (what :func:`async_session_task.testing.rollback_sessions` is built on)."""
-        saved = {cls: self._makers.get(cls) for cls in makers}
-        self._makers.update(makers)
-        try:
-            yield
-        finally:
-            for cls, maker in saved.items():
-                if maker is None:
-                    self._makers.pop(cls, None)
-                else:
-                    self._makers[cls] = maker
+        billiard's SIGUSR1 handler raises ``SoftTimeLimitExceeded`` wherever the main thread
+        is; with the loop running there, that may be inside one of asyncio's callbacks, which
+        logs and swallows it, or inside the selector, leaving the body pending
+        (docs/internals.md#soft-limit-prefork). The body sees ``CancelledError`` at its
+        current await instead, its cleanup runs, then Celery gets ``SoftTimeLimitExceeded``.
+        Sync tasks of the same worker keep billiard's handler.
+        """
+        previous = signal.getsignal(signal.SIGUSR1)
+        if not callable(previous):
+            return
 
-    def _resolve(self, task: Any) -> async_sessionmaker[Any]:
-        settings = _config.Settings.of(task)
-        settings.check(task.name)
-        if settings.maker is not None:
-            maker = _config.resolve_maker(settings, task.name)
-            for engine in _config.engines_of(maker):
-                if all(engine is not seen for seen in self._foreign):
-                    # The app's engine may have connected before this process existed (a
-                    # prefork parent) or on another loop: start this process on a new pool
-                    # without touching the old connections (TRAPS 11; SQLAlchemy, "Using
-                    # Connection Pools with Multiprocessing or os.fork()").
-                    engine.sync_engine.dispose(close=False)
-                    self._foreign.append(engine)
-            return maker
-        key = settings.engine_key()
-        shared = self._engines.get(key)
-        if shared is None:
-            shared = self._engines[key] = _config.create_engine(settings)
-        options = {**_config.SESSION_DEFAULTS, **settings.session_options}
-        return async_sessionmaker(shared, **options)
+        def on_soft_limit(signum: int, frame: Any) -> None:
+            crossing = self._current
+            if crossing is None or crossing.done:
+                previous(signum, frame)
+            else:
+                crossing.cancel(SoftTimeLimitExceeded())
 
-    def engine_count(self) -> int:
-        return len(self._engines) + len(self._foreign)
+        signal.signal(signal.SIGUSR1, on_soft_limit)
 
     def close(self) -> None:
-        """Dispose every engine on the loop (TRAPS 24), stop the loop, close it. Idempotent."""
+        """Run the stop hooks on the loop, stop it, close it. Idempotent."""
         if self.closed:
             return
         self.closed = True
         _watchdog.unwatch(self.loop)
-        engines = [*self._engines.values(), *self._foreign]
         if self.inline:
             if not self.loop.is_running():
-                self.loop.run_until_complete(_dispose(engines))
+                self.loop.run_until_complete(hooks.stop())
                 self.loop.close()
             return
-        if engines and self.loop.is_running():
-            # A blocking wait is right here: the worker is going away.
-            call = Call(self.loop, _dispose(engines), Context(), LockWaiter())
-            self.loop.call_soon_threadsafe(call.start)
-            if not call.wait(SHUTDOWN_GRACE):
-                logger.warning("Engines were not disposed within %.0f s.", SHUTDOWN_GRACE)
+        if not self.alive:
+            return
+        # A blocking wait is right here: the worker is going away.
+        crossing = Crossing(self.loop, LockWaiter())
+        self.loop.call_soon_threadsafe(crossing.start, hooks.stop(), Context())
+        if not crossing.wait(SHUTDOWN_GRACE):
+            logger.warning("The loop's stop hooks did not end within %.0f s.", SHUTDOWN_GRACE)
         self.loop.call_soon_threadsafe(self.loop.stop)
         if self._stopped.wait(SHUTDOWN_GRACE):
             self.loop.close()
 
 
-async def _finished(task: asyncio.Task[Any], seconds: float) -> bool:
-    await asyncio.wait([task], timeout=seconds)
-    return task.done()
+async def _within_soft_limit(coro: Coroutine[Any, Any, T], seconds: float) -> T:
+    limit = asyncio.timeout(seconds)
+    try:
+        async with limit:
+            return await coro
+    except TimeoutError:
+        if not limit.expired():
+            raise  # the body's own TimeoutError
+        raise SoftTimeLimitExceeded(seconds) from None
 
 
-def _catch_soft_limit(runtime: Runtime) -> None:
-    """Prefork child, inline loop: turn the soft time limit into a cancellation.
-
-    billiard's SIGUSR1 handler raises ``SoftTimeLimitExceeded`` wherever the main thread
-    is. With the loop running there, that may be inside one of asyncio's callbacks, which
-    logs and swallows it (``Handle._run``), or inside the selector, leaving the body pending
-    (TRAPS 13). While a body runs, cancel it instead: it sees ``CancelledError`` at its
-    current await, its cleanup runs, and then Celery gets ``SoftTimeLimitExceeded``.
-    Sync tasks of the same worker keep billiard's handler.
-    """
-    previous = signal.getsignal(signal.SIGUSR1)
-    if not callable(previous):
-        return
-
-    def on_soft_limit(signum: int, frame: Any) -> None:
-        task = runtime._running
-        if task is None or task.done():
-            previous(signum, frame)
-            return
-        runtime._soft_limit_hit = True
-        task.cancel()
-
-    signal.signal(signal.SIGUSR1, on_soft_limit)
+def _outcome(crossing: Crossing) -> Any:
+    reason = crossing.cancelled
+    if isinstance(reason, TimeLimitExceeded):
+        raise reason  # whatever the body did with its cancellation
+    try:
+        return crossing.result()
+    except asyncio.CancelledError:
+        if reason is not None:
+            raise reason from None
+        raise
 
 
-async def _dispose(engines: list[AsyncEngine]) -> None:
-    for engine in engines:
-        try:
-            await engine.dispose()
-        except Exception:
-            logger.exception("Disposing %r failed", engine)
+def _still_running(name: str) -> None:
+    logger.warning(
+        "%s: its cancelled body is still running %.0f s later (it ignores "
+        "asyncio.CancelledError); its session stays open until it ends.",
+        name,
+        CANCEL_GRACE,
+    )
 
 
 _runtime: Runtime | None = None
-# Guards the slow paths only: first start in a process, first run of a task class.
+# Guards the slow path only: the first start in a process.
 _lock = threading.Lock()
 
 
-#: Set by ``worker_process_init``, sent in prefork children and in a solo worker: processes
-#: that run one task at a time, in their main thread (TRAPS 12).
-_one_at_a_time_pid: int | None = None
-
-
-def _mark_one_at_a_time(**_: Any) -> None:
-    global _one_at_a_time_pid
-    _one_at_a_time_pid = os.getpid()
+def _usable(runtime: Runtime | None) -> bool:
+    return (
+        runtime is not None and runtime.pid == os.getpid() and not runtime.closed and runtime.alive
+    )
 
 
 def get_runtime() -> Runtime:
-    """The runtime of this process, started on first use (after a fork: a new one)."""
+    """The runtime of this process, started on first use (after a fork or a lost loop: a
+    new one)."""
     global _runtime
     runtime = _runtime
-    if runtime is None or runtime.pid != os.getpid() or runtime.closed:
+    if not _usable(runtime):
         with _lock:
             runtime = _runtime
-            if runtime is None or runtime.pid != os.getpid() or runtime.closed:
-                inline = _one_at_a_time_pid == os.getpid() and (
-                    threading.current_thread() is threading.main_thread()
-                )
-                runtime = _runtime = Runtime(inline=inline)
+            if not _usable(runtime):
+                runtime = _runtime = Runtime()
+    assert runtime is not None
     return runtime
 
 
 def current() -> Runtime | None:
     """The running runtime of this process, without starting one."""
     runtime = _runtime
-    if runtime is None or runtime.pid != os.getpid() or runtime.closed:
-        return None
-    return runtime
+    return runtime if _usable(runtime) else None
 
 
-def shutdown(**_: Any) -> None:
+def shutdown() -> None:
     """Close this process's runtime, if it started one. Safe to call more than once."""
     runtime = current()
     if runtime is not None:
-        if len(runs):
-            logger.warning("%d task session(s) were still registered at shutdown.", len(runs))
         runtime.close()
-
-
-# No single hook fires for every pool (TRAPS 12): prefork children that exit normally send
-# worker_process_shutdown; the main process sends worker_shutdown (solo, threads, gevent,
-# eventlet); atexit covers scripts and the in-process test worker.
-signals.worker_process_shutdown.connect(shutdown, weak=False)
-signals.worker_shutdown.connect(shutdown, weak=False)
-signals.worker_process_init.connect(_mark_one_at_a_time, weak=False)
-atexit.register(shutdown)

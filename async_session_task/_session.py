@@ -1,44 +1,87 @@
-"""One ``AsyncSession`` per run: the registry that holds it and the context that finds it."""
+"""Sessions and runs: one ``AsyncSession`` per run, the registry of runs in flight, and the
+session factories of this process.
+
+The lifecycle of one run, as the task class drives it:
+
+1. ``before_start`` registers a :class:`Run` in :data:`runs` (keyed by task id and request).
+2. :meth:`Run.execute` awaits the body on the loop with the run as :data:`current_run`; its
+   session is made on first use. When the body ends, whatever the outcome, the asyncio tasks
+   the run started are ended and the session is closed (what was not committed is rolled
+   back), before the worker sees the result.
+3. ``task_postrun`` removes the run from :data:`runs`: Celery sends it for every outcome,
+   while ``after_return`` is skipped for RETRY, IGNORED and REJECTED
+   (docs/internals.md#after-return-skipped, docs/internals.md#task-postrun).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
+import logging
 import os
-from collections.abc import Callable
-from contextvars import ContextVar
-from typing import Any
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from contextvars import Context, ContextVar
+from types import CoroutineType
+from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from . import _config
+from ._crossing import Crossing, drive
+
+T = TypeVar("T")
+logger = logging.getLogger("async_session_task")
+
+#: Seconds a run waits for the asyncio tasks it started to end once cancelled.
+CANCEL_GRACE = 10.0
 
 
 class Run:
-    """One execution of a task body: its request and its session.
+    """One execution of a task body: its request, its session, the tasks it started.
 
     The session is made by ``maker`` on first use, then is the same object for the rest of
     the run: a body that never touches the database pays neither for making the session nor
     for closing it (an ``AsyncSession`` costs more to close than to make, even unused).
     """
 
-    __slots__ = ("_maker", "_session", "request", "task")
+    __slots__ = ("_maker", "_session", "crossing", "ended", "greenlet", "request", "task", "tasks")
 
     def __init__(
-        self,
-        task: Any,
-        request: Any,
-        session: AsyncSession | None = None,
-        *,
-        maker: Callable[[], AsyncSession] | None = None,
+        self, task: Any, request: Any, maker: Callable[[], AsyncSession] | None = None
     ) -> None:
         self.task = task
         self.request = request
-        self._session = session
         self._maker = maker
+        self._session: AsyncSession | None = None
+        #: How the body reaches the worker that waits for it (None: the loop runs there).
+        self.crossing: Crossing | None = None
+        #: The greenlet stepping the body while it runs (for the stall watchdog).
+        self.greenlet: Any = None
+        #: The asyncio tasks the run's coroutines started, with their coroutine's name.
+        self.tasks: dict[asyncio.Task[Any], str] = {}
+        self.ended = False
+
+    def __repr__(self) -> str:
+        return f"{self.task.name}[{self.request.id}]"
 
     @property
     def session(self) -> AsyncSession:
-        """This run's session, made on first access."""
+        """This run's session, made on first access.
+
+        Raises:
+            RuntimeError: the run has ended (docs/internals.md#outliving-tasks).
+        """
+        if self.ended:
+            raise RuntimeError(
+                f"The run of {self!r} has ended and its session is closed: await the work "
+                "in the body before it returns, or open a session of its own "
+                "(async with your async_sessionmaker() as session)."
+            )
         session = self._session
         if session is None:
-            assert self._maker is not None, "a Run has a session or a maker"
+            assert self._maker is not None, "a Run has a maker"
             session = self._session = self._maker()
         return session
 
@@ -47,21 +90,66 @@ class Run:
         """The session if it was made already, without making one."""
         return self._session
 
+    async def execute(self, body: Coroutine[Any, Any, Any], autocommit: bool) -> Any:
+        """Await ``body`` as this run, then end the run (whatever the outcome)."""
+        token = current_run.set(self)
+        try:
+            result = await drive(body, self)
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()  # never awaited: no "was never awaited" warning on top
+                raise TypeError(
+                    f"{self.task.name}: the body returned {type(result).__name__} instead of "
+                    "its value; await it: 'return await ...'."
+                )
+            if autocommit and self._session is not None:  # an unused session: nothing to do
+                await self._session.commit()
+            return result
+        finally:
+            current_run.reset(token)
+            await self._end()
+
+    async def _end(self) -> None:
+        self.ended = True  # from here on, current_session() and self.session refuse
+        pending = {task: name for task, name in self.tasks.items() if not task.done()}
+        if pending:
+            # They would use the session while it closes, or after (docs/internals.md
+            # #gather-on-session, docs/internals.md#outliving-tasks): a run owns the tasks
+            # it starts, as an asyncio.TaskGroup would.
+            logger.warning(
+                "%r ended with %d asyncio task(s) it started still running (%s): they are "
+                "cancelled. Await them in the body (asyncio.gather, asyncio.TaskGroup); "
+                "work that must outlive the run needs a session of its own.",
+                self,
+                len(pending),
+                ", ".join(sorted(set(pending.values()))),
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(list(pending), timeout=CANCEL_GRACE)
+        self.tasks.clear()
+        session, self._session = self._session, None
+        if session is not None:
+            # Rolls back what was not committed and returns the connection to the pool.
+            await session.close()
+
 
 #: The run whose coroutine is executing. Set on the event loop, in the run's own context,
-#: so it is seen by every coroutine the body awaits and inside ``session.run_sync()``
-#: (SQLAlchemy hands the greenlet the same context); Celery's request stack is not (TRAPS 6).
+#: so it is seen by every coroutine the body awaits or starts and inside
+#: ``session.run_sync()`` (SQLAlchemy hands the greenlet the same context); Celery's request
+#: stack is not (docs/internals.md#request-stack).
 current_run: ContextVar[Run | None] = ContextVar("async_session_task.run", default=None)
 
 
 def current_session() -> AsyncSession:
     """Return the ``AsyncSession`` of the task run that is executing.
 
-    Works from any coroutine the task body awaits, however deep, so an existing
+    Works from any coroutine the task body awaits or starts, however deep, so an existing
     repository layer can use it unchanged.
 
     Raises:
-        RuntimeError: outside the ``async def`` body of an ``AsyncSessionTask``.
+        RuntimeError: outside the ``async def`` body of an ``AsyncSessionTask``, or after
+            its run ended.
     """
     run = current_run.get()
     if run is None:
@@ -72,14 +160,42 @@ def current_session() -> AsyncSession:
     return run.session
 
 
+def in_worker(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn`` in the worker thread or greenlet that waits for the running run: Celery's
+    broker and result connections belong there (docs/internals.md#publish-from-spawned-task).
+    Anywhere else, ``fn`` is called right here."""
+    run = current_run.get()
+    crossing = None if run is None else run.crossing
+    if crossing is None:
+        return fn(*args, **kwargs)
+    return crossing.call_in_worker(fn, *args, **kwargs)
+
+
+def task_factory(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], context: Context | None = None
+) -> asyncio.Task[Any]:
+    """The loop's task factory: a task started during a run belongs to that run.
+
+    Its coroutine is stepped from a greenlet of its own, as the body is, so it can publish
+    tasks through the worker (docs/internals.md#publish-from-spawned-task); the run ends it
+    before closing the session.
+    """
+    run = context.run(current_run.get) if context is not None else current_run.get()
+    if run is None or run.ended or not isinstance(coro, CoroutineType):
+        return asyncio.Task(coro, loop=loop, context=context)
+    task = asyncio.Task(drive(coro), loop=loop, context=context)
+    run.tasks[task] = coro.__qualname__
+    return task
+
+
 class Registry:
-    """The live runs of this process, keyed by task id.
+    """The runs in flight in this process, keyed by task id.
 
     Two runs may share a task id: ``self.retry()`` publishes the next run before the current
-    one has been cleaned up, and a redelivery under ``acks_late`` repeats it (TRAPS 7). Each
-    run has its own request object, which is alive for the whole run, so the key pairs the
-    task id with that object's identity, and the entry keeps the object alive so the pair
-    cannot be reused while the entry exists.
+    one has been cleaned up, and a redelivery under ``acks_late`` repeats it
+    (docs/internals.md#same-task-id). Each run has its own request object, alive for the
+    whole run, so the key pairs the task id with that object's identity, and the entry keeps
+    the object alive so the pair cannot be reused while the entry exists.
     """
 
     def __init__(self) -> None:
@@ -94,11 +210,105 @@ class Registry:
         return self._runs.get((request.id, id(request)))
 
     def discard(self, request: Any) -> Run | None:
-        """Remove the run of ``request``; idempotent, and a missing entry is fine (TRAPS 3)."""
+        """Remove the run of ``request``; idempotent, and a missing entry is fine: after a
+        hard time limit Celery ends the run in the parent
+        (docs/internals.md#hard-limit-in-parent)."""
         return self._runs.pop((request.id, id(request)), None)
+
+    def owner_of(self, task: asyncio.Task[Any] | None) -> Run | None:
+        """The run that ``task`` (an asyncio task) belongs to, if any."""
+        if task is None:
+            return None
+        for run in list(self._runs.values()):
+            crossing = run.crossing
+            if (crossing is not None and crossing.task is task) or task in run.tasks:
+                return run
+        return None
 
     def __len__(self) -> int:
         return len(self._runs)
 
 
 runs = Registry()
+
+
+class Factories:
+    """The session factory of each task class and the engines behind them, per process.
+
+    Built by :func:`._config.session_factory` at a task's first run in the process; engines
+    are disposed on the loop (:meth:`dispose`) when the loop stops, and forgotten in a
+    forked child, which starts on fresh pools (docs/internals.md#fork).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._makers: dict[type[Any], async_sessionmaker[Any]] = {}
+        self._engines: dict[_config.EngineKey, AsyncEngine] = {}
+        self._foreign: list[AsyncEngine] = []
+        os.register_at_fork(after_in_child=self.forget)
+
+    def maker_for(self, task: Any) -> async_sessionmaker[Any]:
+        """The session factory of ``task``'s class, resolved once per process.
+
+        Raises:
+            celery.exceptions.ImproperlyConfigured: the task's settings cannot make sessions.
+        """
+        maker = self._makers.get(type(task))
+        if maker is None:
+            with self._lock:
+                maker = self._makers.get(type(task))
+                if maker is None:
+                    settings = _config.Settings.of(task)
+                    maker = _config.session_factory(settings, self._engines)
+                    self._adopt(maker)
+                    self._makers[type(task)] = maker
+        return maker
+
+    def _adopt(self, maker: async_sessionmaker[Any]) -> None:
+        for engine in _config.engines_of(maker):
+            if engine in self._engines.values() or any(engine is e for e in self._foreign):
+                continue
+            # The app's own engine may have connected before this process existed (a prefork
+            # parent) or on another loop: start this process on a new pool without touching
+            # the old connections (docs/internals.md#fork).
+            engine.sync_engine.dispose(close=False)
+            self._foreign.append(engine)
+
+    @contextlib.contextmanager
+    def override(self, makers: Mapping[type[Any], async_sessionmaker[Any]]) -> Iterator[None]:
+        """Within the block, runs of these task classes take their sessions from ``makers``
+        (what :func:`async_session_task.testing.rollback_sessions` is built on)."""
+        saved = {cls: self._makers.get(cls) for cls in makers}
+        self._makers.update(makers)
+        try:
+            yield
+        finally:
+            for cls, maker in saved.items():
+                if maker is None:
+                    self._makers.pop(cls, None)
+                else:
+                    self._makers[cls] = maker
+
+    def engine_count(self) -> int:
+        return len(self._engines) + len(self._foreign)
+
+    async def dispose(self) -> None:
+        """On the loop the engines were used on: close their connections, then forget them
+        (asyncpg connections left to a closed loop never close,
+        docs/internals.md#dispose-on-loop)."""
+        engines = [*self._engines.values(), *self._foreign]
+        self.forget()
+        for engine in engines:
+            try:
+                await engine.dispose()
+            except Exception:
+                logger.exception("Disposing %r failed", engine)
+
+    def forget(self) -> None:
+        """Drop every factory and engine without closing connections (a forked child, a
+        lost loop): the next run in this process builds them anew."""
+        self._lock = threading.Lock()
+        self._makers, self._engines, self._foreign = {}, {}, []
+
+
+factories = Factories()

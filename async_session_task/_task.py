@@ -1,24 +1,26 @@
-"""``AsyncSessionTask``: a Celery task base whose body is ``async def``."""
+"""``AsyncSessionTask``: a Celery task base whose body is ``async def``.
+
+The Celery face of the package: what Celery calls on a task (``before_start``, ``run``,
+``retry``, ``update_state``, ``on_bound``) and what a body reads (``self.session``,
+``self.request``). The signals this package connects are all in ``_worker``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import functools
 import inspect
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, ClassVar
 
-from billiard.exceptions import SoftTimeLimitExceeded
-from celery import Task, signals
+from celery import Task
 from celery._state import _task_stack
 from celery.exceptions import Retry
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import _bridge
-from ._call import in_worker
-from ._runtime import Runtime, get_runtime
-from ._session import Run, current_run, runs
+from . import _config
+from ._crossing import await_in_body, in_body
+from ._runtime import get_runtime
+from ._session import Run, current_run, factories, in_worker, runs
 
 
 class _DeferredRetry(Retry):  # type: ignore[misc]  # celery is untyped
@@ -70,8 +72,8 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                 "'async def'. Use a plain @app.task for a sync function."
             )
         # Celery sees a sync ``run``: its tracer, its autoretry wrapper (which only ever
-        # sees the coroutine object of an async ``run``, TRAPS 8) and a direct call all get
-        # the body's result or exception, as for any task.
+        # sees the coroutine object of an async ``run``, docs/internals.md#autoretry) and a
+        # direct call all get the body's result or exception, as for any task.
         cls._body = body
         cls.run = _sync_run(function, bound=not isinstance(body, staticmethod))
 
@@ -80,7 +82,8 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         """This run's request, also inside the coroutine and ``session.run_sync()``.
 
         Celery keeps requests on a stack per thread/greenlet; the coroutine runs in the loop's
-        thread, where that stack is empty (TRAPS 6), so the run's context carries it.
+        thread, where that stack is empty (docs/internals.md#request-stack), so the run's
+        context carries it.
         """
         request = self.request_stack.top
         if request is None:
@@ -107,12 +110,16 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
             )
         return run.session
 
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        """Celery calls this when a task class is bound to ``app``: set the app up, once."""
+        super().on_bound(app)
+        _forward_to_worker(app)
+
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Register this run; its session is made on first use."""
-        request = self.request
         # The factory is resolved now, so a misconfigured task still fails every run.
-        runs.add(Run(self, request, maker=get_runtime().maker_for(self)))
-        _forward_publishing(self.app)
+        runs.add(Run(self, self.request, factories.maker_for(self)))
 
     def retry(self, *args: Any, **kwargs: Any) -> Retry:
         """Celery's ``Task.retry``. Inside the body, the retry is published by the worker
@@ -133,11 +140,10 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
 
     def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         request = self.request
-        runtime = get_runtime()
         run = runs.get(request)
         owned = run is None
-        if run is None:  # called directly, without before_start (TRAPS 5)
-            run = Run(self, request, maker=runtime.maker_for(self))
+        if run is None:  # called directly, without before_start (docs/internals.md#direct-call)
+            run = Run(self, request, factories.maker_for(self))
             runs.add(run)
         try:
             body = self._body(*args, **kwargs)
@@ -146,76 +152,22 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                     f"{self.name}: the body returned {type(body).__name__}, not a coroutine; "
                     "an AsyncSessionTask body must be 'async def'."
                 )
-            soft, hard = self._time_limits(request, runtime)
-            invocation = _invoke(run, body, self.autocommit, soft)
-            if runtime.on_loop():
-                # A nested eager call from inside a body (TRAPS 16).
-                if not _bridge.in_body():
-                    invocation.close()
-                    raise RuntimeError(
-                        f"{self.name} was called eagerly on the event loop, outside a task "
-                        "body; await it from the body instead."
-                    )
-                return _bridge.await_in_body(invocation)
-            return runtime.call(
-                invocation, contextvars.copy_context(), name=self.name, time_limit=hard
-            )
+            execution = run.execute(body, self.autocommit)
+            runtime = get_runtime()
+            if runtime.on_loop() and in_body():
+                # A nested eager call from inside a body (docs/internals.md#nested-eager): the
+                # caller's body awaits this one, and its worker serves both.
+                outer = current_run.get()
+                run.crossing = None if outer is None else outer.crossing
+                return await_in_body(execution)
+            soft, hard = _config.time_limits(self, request)
+            run.crossing = runtime.crossing()
+            return runtime.run(run.crossing, execution, soft=soft, hard=hard, name=self.name)
         except _DeferredRetry as deferred:
             raise super().retry(*deferred.retry_args, **deferred.retry_kwargs) from None
         finally:
             if owned:
                 runs.discard(request)
-
-    def _time_limits(self, request: Any, runtime: Runtime) -> tuple[float | None, float | None]:
-        """(soft, hard) limits in seconds the library enforces for this run, if any.
-
-        Prefork children enforce both themselves; threads, solo, gevent and eventlet have
-        no soft limit (gevent only a hard one), so there the library applies them on the loop.
-        Eager and direct calls run unlimited, as Celery runs them.
-        """
-        if runtime.pool_enforces_limits or request.is_eager or request.called_directly:
-            return None, None
-        hard, soft = request.timelimit or (None, None)
-        conf = self.app.conf
-        soft = soft or self.soft_time_limit or conf.task_soft_time_limit
-        hard = hard or self.time_limit or conf.task_time_limit
-        return soft, hard
-
-
-async def _invoke(
-    run: Run, body: Coroutine[Any, Any, Any], autocommit: bool, soft_time_limit: float | None
-) -> Any:
-    token = current_run.set(run)
-    try:
-        if soft_time_limit is None:
-            result = await _bridge.drive(body)
-        else:
-            limit = asyncio.timeout(soft_time_limit)
-            try:
-                async with limit:
-                    result = await _bridge.drive(body)
-            except TimeoutError:
-                if not limit.expired():
-                    raise  # the body's own TimeoutError
-                raise SoftTimeLimitExceeded(soft_time_limit) from None
-        if inspect.isawaitable(result):
-            if inspect.iscoroutine(result):
-                result.close()  # never awaited: no "was never awaited" warning on top
-            raise TypeError(
-                f"{run.task.name}: the body returned {type(result).__name__} instead of "
-                "its value; await it: 'return await ...'."
-            )
-        session = run.opened_session
-        if autocommit and session is not None:  # an unused session has nothing to commit
-            await session.commit()
-        return result
-    finally:
-        current_run.reset(token)
-        # Rolls back what was not committed and returns the connection to the pool. A run
-        # is cancelled at most once, so this await is not interrupted by that cancellation.
-        session = run.opened_session
-        if session is not None:
-            await session.close()
 
 
 def _sync_run(function: Callable[..., Any], *, bound: bool) -> Callable[..., Any]:
@@ -231,9 +183,11 @@ def _sync_run(function: Callable[..., Any], *, bound: bool) -> Callable[..., Any
     return run
 
 
-def _forward_publishing(app: Any) -> None:
-    """Have ``app.send_task`` (every ``delay``, ``apply_async`` and canvas) called from a
-    body run by the worker's thread or greenlet (see :class:`~._call.Call`). Idempotent."""
+def _forward_to_worker(app: Any) -> None:
+    """Have the app's blocking broker and result calls made from a body run by the worker's
+    thread or greenlet, which owns their connections and may block: ``app.send_task`` (every
+    ``delay``, ``apply_async`` and canvas) and ``AsyncResult.get`` (joining a subtask leaves
+    the loop free, docs/internals.md#join-subtask). Idempotent."""
     if "send_task" in vars(app):
         return
     send_task = app.send_task
@@ -243,6 +197,12 @@ def _forward_publishing(app: Any) -> None:
         return in_worker(_as_parent, send_task, *args, **kwargs)
 
     app.send_task = forwarded
+
+    class AsyncResult(app.AsyncResult):  # type: ignore[misc]  # built per app, untyped
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            return in_worker(super().get, *args, **kwargs)
+
+    app.AsyncResult = AsyncResult
 
 
 def _as_parent(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -257,15 +217,3 @@ def _as_parent(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     finally:
         _task_stack.pop()
-
-
-def _forget(sender: Any = None, **_: Any) -> None:
-    # task_postrun fires on every outcome but a killed process (TRAPS 4), after_return not
-    # for RETRY, IGNORED, REJECTED (TRAPS 1), nor in eager mode for a propagated failure
-    # (TRAPS 2), and in a prefork parent after a hard time limit (TRAPS 3): the run is
-    # forgotten here only, once, while the tracer still has its request on the stack.
-    if isinstance(sender, AsyncSessionTask):
-        runs.discard(sender.request)
-
-
-signals.task_postrun.connect(_forget, weak=False)

@@ -7,10 +7,12 @@ The loop always runs in a real OS thread; what differs is the caller:
   still reaches a main thread that is waiting.
 * gevent: an ``async_`` watcher of the caller's hub, which the loop thread may ``send()``
   to from outside; the greenlet waits on an Event and the hub keeps serving other
-  greenlets. ``future.result()`` or ``AsyncResult`` there fail with ``LoopExit`` (TRAPS 22).
+  greenlets. ``future.result()`` or ``AsyncResult`` there fail with ``LoopExit``
+  (docs/internals.md#gevent-loop-thread).
 * eventlet: no thread-safe hub wake-up exists, and a native wait in a greenthread fails with
-  "Cannot switch to a different thread" (TRAPS 23). The loop thread writes a byte to a pipe;
-  one dispatcher greenthread, woken by the hub's own fd polling, wakes the waiters.
+  "Cannot switch to a different thread" (docs/internals.md#eventlet-wait). The loop thread
+  writes a byte to a pipe; one dispatcher greenthread, woken by the hub's own fd polling,
+  wakes the waiters.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class Waiter(Protocol):
 
 
 def original(module: str, name: str) -> Any:
-    """The unpatched primitive, even when gevent or eventlet monkey-patched it (TRAPS 14)."""
+    """The unpatched primitive, even when gevent or eventlet monkey-patched it
+    (docs/internals.md#monkey-patched-threads)."""
     if "gevent.monkey" in sys.modules:
         from gevent import monkey
 

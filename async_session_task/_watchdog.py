@@ -9,8 +9,9 @@ stall, naming the run that holds the loop and the loop thread's stack
 it logs how long the stall lasted. A loop that runs per call (prefork children, solo) is
 idle between calls, not stuck.
 
-The threshold is the ``async_session_stall_threshold`` setting (seconds; default
-:data:`DEFAULT_THRESHOLD`; ``0`` turns the watchdog off).
+The threshold is the ``async_session_stall_threshold`` setting (seconds; ``0`` turns the
+watchdog off). The run that holds the loop is the one whose asyncio task is the loop's
+current task, as the registry of runs knows it.
 """
 
 from __future__ import annotations
@@ -22,19 +23,14 @@ import sys
 import time
 import traceback
 import weakref
-from types import CoroutineType, FrameType
+from types import FrameType
 from typing import Any
 
-from greenlet import getcurrent, greenlet
-
-from ._session import Run
+from ._session import Run, runs
 from ._waiters import original
 
 logger = logging.getLogger("async_session_task")
 
-SETTING = "async_session_stall_threshold"
-#: Seconds the loop may stay unresponsive before a warning.
-DEFAULT_THRESHOLD = 1.0
 #: Innermost frames of the loop thread's stack shown in the warning.
 STACK_LIMIT = 12
 
@@ -52,7 +48,6 @@ class Watchdog:
         self.threshold = threshold
         self.stalls = 0
         self._loop_thread: int | None = None
-        self._loop_greenlet: greenlet | None = None
         self._allocate_lock = original("_thread", "allocate_lock")
         self._get_ident = original("_thread", "get_ident")
         self._stop = self._allocate_lock()
@@ -60,7 +55,7 @@ class Watchdog:
 
     def start(self) -> Watchdog:
         # The first ping is sent from here, ahead of anything the caller schedules next
-        # (a first run): its answer tells the monitor which thread and greenlet run the loop.
+        # (a first run): its answer tells the monitor which thread runs the loop.
         original("_thread", "start_new_thread")(self._watch, (self._ping(),))
         return self
 
@@ -110,7 +105,6 @@ class Watchdog:
 
     def _answer(self, answered: Any) -> None:  # on the loop
         self._loop_thread = self._get_ident()
-        self._loop_greenlet = getcurrent()
         answered.release()
 
     def _warn(self) -> None:
@@ -118,12 +112,9 @@ class Watchdog:
         # run_forever (a greenlet's id, not the thread's, under gevent's patching).
         thread = self._loop_thread or getattr(self.loop, "_thread_id", None)
         frame = sys._current_frames().get(thread) if thread is not None else None
-        run = running(self.loop)
-        who = (
-            f"task {run.task.name}[{run.request.id}]"
-            if run is not None
-            else "code outside any task body"
-        )
+        task = asyncio.current_task(self.loop)
+        run = runs.owner_of(task)
+        who = f"task {run!r}" if run is not None else "code outside any task body"
         logger.warning(
             "The event loop of process %d has not answered for %.1f s: %s blocks it, so every "
             "other run on this loop waits. Await instead of blocking (asyncio.sleep, an "
@@ -131,44 +122,19 @@ class Watchdog:
             os.getpid(),
             self.threshold,
             who,
-            _format(_switched_out_body(self._loop_greenlet) or frame),
+            _format(_where_body_waits(run, task) or frame),
         )
 
 
-def running(loop: asyncio.AbstractEventLoop) -> Run | None:
-    """The run whose coroutine holds ``loop`` right now, read from another thread.
-
-    The loop's current asyncio task runs ``_task._invoke(run, ...)``, or (where the loop runs
-    inline) awaits it from the runtime's wrapper: that coroutine's frame holds the run.
-    """
-    task = asyncio.current_task(loop)
-    coro = task.get_coro() if task is not None else None
-    for _ in range(2):  # _invoke's frame, or the inline wrapper's and then _invoke's
-        frame = getattr(coro, "cr_frame", None)
-        coro = None
-        for value in frame.f_locals.values() if frame is not None else ():
-            if isinstance(value, Run):
-                return value
-            if isinstance(value, CoroutineType):
-                coro = value  # cr_await is None while it runs, so its local is followed
-    return None
-
-
-def _switched_out_body(loop_greenlet: greenlet | None) -> FrameType | None:
-    """Where a body waits whose greenlet was switched out while it held the loop.
-
-    Under gevent a blocking call in a body (a patched ``time.sleep``) switches the loop
-    thread to its hub, so the thread's stack shows only the hub. The body's greenlet keeps
-    its frame; it is a local of ``_bridge.drive``, on the stack of the loop's greenlet.
-    """
-    frame = loop_greenlet.gr_frame if loop_greenlet is not None else None
-    while frame is not None:
-        for value in frame.f_locals.values():
-            if isinstance(value, greenlet) and value.gr_frame is not None:
-                body_frame: FrameType = value.gr_frame
-                return body_frame
-        frame = frame.f_back
-    return None
+def _where_body_waits(run: Run | None, task: asyncio.Task[Any] | None) -> FrameType | None:
+    """Where a run's body waits if a blocking call switched its greenlet out while its task
+    held the loop: under gevent a patched ``time.sleep`` switches the loop thread to its hub,
+    so the thread's stack shows only the hub, while the body's greenlet keeps its frame. (A
+    body that awaits gives the loop back: its task is then not the current one.)"""
+    if run is None or run.crossing is None or run.crossing.task is not task:
+        return None
+    frame: FrameType | None = getattr(run.greenlet, "gr_frame", None)
+    return frame
 
 
 def _format(frame: FrameType | None) -> str:
@@ -177,20 +143,14 @@ def _format(frame: FrameType | None) -> str:
     return "".join(traceback.format_stack(frame, limit=STACK_LIMIT))
 
 
-def watch(loop: asyncio.AbstractEventLoop, threshold: float | None = None) -> Watchdog | None:
+def watch(loop: asyncio.AbstractEventLoop, threshold: float) -> Watchdog | None:
     """Start watching ``loop`` (once per loop; later calls return the same watchdog).
 
-    ``threshold`` defaults to the ``async_session_stall_threshold`` setting of the current
-    Celery app. Returns None when the threshold is 0 (turned off).
+    Returns None when ``threshold`` is 0 (turned off).
     """
     watchdog = _watchdogs.get(loop)
     if watchdog is not None:
         return watchdog
-    if threshold is None:
-        from celery import current_app
-
-        configured = current_app.conf.get(SETTING)
-        threshold = DEFAULT_THRESHOLD if configured is None else float(configured)
     if threshold <= 0:
         return None
     watchdog = _watchdogs[loop] = Watchdog(loop, threshold).start()

@@ -12,7 +12,6 @@ the ``pytest11`` entry point) wraps both in fixtures.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from celery.exceptions import ImproperlyConfigured
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from ._runtime import get_runtime
+from ._session import factories
 from ._task import AsyncSessionTask
 
 __all__ = [
@@ -213,7 +213,7 @@ class RollbackSessions:
             async with maker() as session:
                 return await function(session)
 
-        return get_runtime().call(call(), contextvars.copy_context())
+        return get_runtime().call(call())
 
 
 @contextlib.contextmanager
@@ -244,7 +244,7 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
         if not isinstance(task, AsyncSessionTask):
             continue
         try:
-            originals[type(task)] = runtime.maker_for(task)
+            originals[type(task)] = factories.maker_for(task)
         except ImproperlyConfigured:
             if tasks is not None:
                 raise
@@ -254,17 +254,17 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
         for cls, maker in originals.items():
             engine = _engine_of(maker, cls)
             if engine not in transactions:
-                transactions[engine] = runtime.call(_begin(engine), contextvars.copy_context())
+                transactions[engine] = runtime.call(_begin(engine))
                 scope.connections[engine] = transactions[engine].connection
             options = {**maker.kw, "bind": scope.connections[engine]}
             scope.makers[cls] = async_sessionmaker(
                 class_=maker.class_, **options, join_transaction_mode="create_savepoint"
             )
-        with runtime.override_makers(scope.makers):
+        with factories.override(scope.makers):
             yield scope
     finally:
         for transaction in transactions.values():
-            runtime.call(transaction.end(), contextvars.copy_context())
+            runtime.call(transaction.end())
 
 
 def _unproxied(task: Any) -> Any:

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,8 +19,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import sessionmaker
 
 from async_session_task import AsyncSessionTask, current_session
-from async_session_task._config import Settings, check_worker_tasks
+from async_session_task._config import Settings
 from async_session_task._session import runs
+from async_session_task._worker import check_worker_tasks
 from tests.apps import misconfigured_app
 from tests.conftest import StartWorker
 
@@ -246,7 +246,7 @@ def test_settings_are_checked_at_worker_start(
     bad = make_task(async_session_url="postgresql+psycopg2://u@h/db")
     missing = make_task()
     with caplog.at_level(logging.ERROR, logger="async_session_task"):
-        check_worker_tasks(sender=SimpleNamespace(app=app))
+        check_worker_tasks(app)
     # Only this test's tasks: shared tasks of other test apps are in every app's registry.
     ours = (good.name, bad.name, missing.name)
     messages = [r.getMessage() for r in caplog.records if r.getMessage().split()[1] in ours]

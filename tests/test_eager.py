@@ -19,13 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from async_session_task import AsyncSessionTask, current_session
 from async_session_task._runtime import get_runtime
-from async_session_task._session import Registry, Run, runs
+from async_session_task._session import Registry, Run, factories, runs
 
 flag: contextvars.ContextVar[str] = contextvars.ContextVar("flag", default="unset")
 
 
 def engine_of(task: Any) -> AsyncEngine:
-    bind: AsyncEngine = get_runtime().maker_for(task).kw["bind"]
+    bind: AsyncEngine = factories.maker_for(task).kw["bind"]
     return bind
 
 
@@ -243,8 +243,8 @@ def test_runs_with_the_same_task_id_are_kept_apart() -> None:
     registry = Registry()
     first, second = Context(id="same"), Context(id="same")
     session_a, session_b = AsyncSession(), AsyncSession()
-    registry.add(Run(None, first, session_a))
-    registry.add(Run(None, second, session_b))
+    registry.add(Run(None, first, lambda: session_a))
+    registry.add(Run(None, second, lambda: session_b))
     assert len(registry) == 2
     found = registry.get(first)
     assert found is not None
@@ -265,9 +265,9 @@ def test_loop_thread_refuses_blocking_calls() -> None:
     async def on_loop() -> None:
         coro = inner()
         with pytest.raises(RuntimeError, match="on the event loop thread"):
-            get_runtime().call(coro, contextvars.copy_context())
+            get_runtime().call(coro)
 
-    get_runtime().call(on_loop(), contextvars.copy_context())
+    get_runtime().call(on_loop())
 
 
 def test_interrupted_wait_cancels_the_body_and_waits_for_its_cleanup() -> None:
@@ -295,7 +295,7 @@ def test_interrupted_wait_cancels_the_body_and_waits_for_its_cleanup() -> None:
     signal.setitimer(signal.ITIMER_REAL, 0.3)
     try:
         with pytest.raises(Interrupt):
-            get_runtime().call(body(), contextvars.copy_context())
+            get_runtime().call(body())
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

@@ -19,7 +19,8 @@ from celery.exceptions import ImproperlyConfigured
 from sqlalchemy import text
 
 from async_session_task import AsyncSessionTask
-from async_session_task._config import Settings, check_worker_tasks
+from async_session_task._config import Settings
+from async_session_task._worker import check_worker_tasks
 from async_session_task.testing import worker_process
 from tests.apps import misconfigured_app
 from tests.conftest import REQUIRE_SERVICES, StartWorker
@@ -96,7 +97,7 @@ def test_errors_logs_and_reprs_hide_the_password(
         return await self.session.scalar(text("select 1"))
 
     with caplog.at_level(logging.DEBUG):
-        check_worker_tasks(sender=type("Worker", (), {"app": app})())
+        check_worker_tasks(app)
         result = task.apply()
     assert result.state == "FAILURE"
     with pytest.raises(Exception) as raised:  # noqa: PT011  # the type is checked below

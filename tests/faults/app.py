@@ -49,7 +49,7 @@ app.conf.update(
 def _watch_loop(sender: Any = None, **_: Any) -> None:
     # Starts the loop-stall watchdog until the runtime starts it itself; once per loop.
     if isinstance(sender, AsyncSessionTask) and sender.app is app:
-        _watchdog.watch(get_runtime().loop)
+        _watchdog.watch(get_runtime().loop, 1.0)
 
 
 async def count(key: str) -> int:

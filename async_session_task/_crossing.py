@@ -1,0 +1,295 @@
+"""The crossing between a worker's thread or greenlet, which waits, and a body on the loop.
+
+Two halves, one per side of the crossing:
+
+* On the loop, every body coroutine, and every asyncio task a run starts, is stepped from a
+  greenlet of its own (:func:`drive`), and each object it yields is handed, unchanged, to the
+  asyncio task above it. Blocking code called inside (an eager task call, Celery's
+  publishing) can then hand a coroutine up instead of blocking the loop
+  (:func:`await_in_body`), as SQLAlchemy runs its sync ORM core on async drivers
+  (``greenlet_spawn``). See docs/internals.md#nested-eager.
+* In the worker, a :class:`Crossing` is one coroutine run for one waiting caller. Unlike
+  ``run_coroutine_threadsafe``, cancelling it cancels the asyncio task and the caller then
+  waits for that task to end, so the body's ``finally`` blocks and the session cleanup have
+  run before the caller moves on (docs/internals.md#cancel-then-wait). While it waits, the
+  caller runs the sync functions the body hands back (:meth:`Crossing.call_in_worker`):
+  Celery's broker and result connections belong to the worker's thread or greenlet
+  (docs/internals.md#publish-from-spawned-task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from contextvars import Context
+from typing import Any, TypeVar
+
+from greenlet import GreenletExit, getcurrent, greenlet
+
+from ._waiters import Waiter
+
+T = TypeVar("T")
+
+_Request = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+
+
+class Crossing:
+    """One coroutine on the loop, the asyncio task running it, and the caller waiting for it.
+
+    ``waiter`` is None where the caller runs the loop itself (a prefork child, solo): the
+    coroutine then stops the loop as it ends, and functions handed back run where they are.
+    """
+
+    __slots__ = ("_error", "_loop", "_requests", "_value", "_waiter", "cancelled", "done", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, waiter: Waiter | None) -> None:
+        self._loop = loop
+        self._waiter = waiter
+        self.task: asyncio.Task[None] | None = None
+        #: Set once the coroutine has ended (or was cancelled before it started).
+        self.done = False
+        #: Why the run was cancelled, if it was: the caller raises accordingly.
+        self.cancelled: BaseException | None = None
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._requests: collections.deque[_Request] = collections.deque()
+
+    # -- on the loop --
+
+    def start(self, coro: Coroutine[Any, Any, Any], context: Context) -> None:
+        if self.cancelled is not None:
+            coro.close()
+            self._finish()
+            return
+        # A context per run: ContextVars never leak from one run to the next
+        # (docs/internals.md#context-per-run).
+        self.task = self._loop.create_task(self._run(coro), context=context)
+
+    async def _run(self, coro: Coroutine[Any, Any, Any]) -> None:
+        # The caller is woken as the coroutine ends, rather than by a done callback of the
+        # task, which would cost the loop one more pass; so the outcome is kept here.
+        try:
+            self._value = await coro
+        except asyncio.CancelledError as exc:
+            self._error = exc
+            raise  # the task ends cancelled
+        except BaseException as exc:
+            # SystemExit and KeyboardInterrupt too: raised in the caller, as from a sync
+            # task, never left to stop the loop (docs/internals.md#base-exception-in-body).
+            self._error = exc
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        if self._waiter is None:
+            self._loop.stop()
+        else:
+            self._waiter.notify()
+
+    def cancel(self, reason: BaseException) -> None:
+        """Cancel the coroutine at its current await (on the loop's thread)."""
+        if self.cancelled is None:
+            self.cancelled = reason
+        if self.task is not None:
+            self.task.cancel()
+
+    def abandon(self, error: BaseException) -> None:
+        """The loop is gone: wake the caller with ``error`` (from any thread)."""
+        if not self.done:
+            self._error = error
+            self._finish()
+
+    def call_in_worker(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """From the body, call ``fn`` in the worker thread or greenlet that waits for it.
+
+        Where the caller runs the loop, or outside a driven greenlet (inside
+        ``session.run_sync()``), ``fn`` is called right here.
+        """
+        if self._waiter is None or not in_body():
+            return fn(*args, **kwargs)
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._requests.append((fn, args, kwargs, future))
+        self._waiter.notify()
+        return await_in_body(future)
+
+    # -- in the caller --
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Serve functions handed back until the coroutine is done; False on timeout."""
+        assert self._waiter is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if self._waiter.wait(remaining):
+                self._serve()
+        return True
+
+    def close(self) -> None:
+        """The caller stops waiting: later wake-ups are dropped."""
+        if self._waiter is not None:
+            self._waiter.close()
+
+    def _serve(self) -> None:
+        while self._requests:
+            fn, args, kwargs, future = self._requests.popleft()
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:
+                self._loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                self._loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def result(self) -> Any:
+        """The coroutine's value; its exception, or ``CancelledError``, raised."""
+        if self._error is not None:
+            try:
+                raise self._error
+            finally:  # no cycle through this frame's traceback
+                self._error = None
+        if self.task is None or self.task.cancelled():
+            raise asyncio.CancelledError
+        return self._value
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+class _BodyGreenlet(greenlet):
+    """Steps coroutines, one at a time; its parent is the greenlet running the loop.
+
+    Starting a new greenlet and letting it die costs ~8 us, a switch to a live one under
+    1 us: so a finished body's greenlet waits in this thread's pool for the next body.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_serve)
+        #: The ended coroutine's value or exception, until drive() takes it.
+        self.outcome: tuple[Any, BaseException | None] = (None, None)
+
+
+#: What a body greenlet hands up when its coroutine has ended (the outcome is on it).
+_FINISHED = object()
+
+
+class _Yield:
+    """Awaitable that passes one object the body yielded up to the asyncio task."""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return (yield self.item)
+
+
+#: Idle body greenlets of this thread (a greenlet can only be switched to in its own thread).
+_idle = threading.local()
+#: Idle body greenlets kept per thread; more than this many bodies at once make new ones.
+_POOL_SIZE = 64
+
+
+def _serve(coro: Coroutine[Any, Any, Any]) -> None:
+    body: Any = getcurrent()
+    while True:
+        body.outcome = _run(coro)
+        # Idle in this switch until the next body, holding only the ended coroutine: the
+        # outcome travels on the greenlet, not as the switch's argument, which this frame
+        # would keep (and with it the last result or traceback) while the greenlet is idle.
+        coro = _parent().switch(_FINISHED)
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> tuple[Any, BaseException | None]:
+    try:
+        return _step(coro), None
+    except GreenletExit:
+        raise  # this greenlet is being collected: let it die
+    except BaseException as exc:  # handed to drive(), which raises it
+        return None, exc
+
+
+def _step(coro: Coroutine[Any, Any, Any]) -> Any:
+    parent = _parent()
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            item = coro.send(value) if error is None else coro.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            value, error = parent.switch(_Yield(item)), None
+        except BaseException as exc:  # cancellation and errors go back into the body
+            value, error = None, exc
+
+
+async def drive(coro: Coroutine[Any, Any, T], holder: Any = None) -> T:
+    """Await ``coro``, stepping it from a greenlet of its own.
+
+    ``holder.greenlet`` (if a holder is given) is that greenlet while ``coro`` runs: the
+    stall watchdog shows where it waits when a blocking call switched it out.
+    """
+    pool: list[_BodyGreenlet] | None = getattr(_idle, "pool", None)
+    if pool is None:
+        pool = _idle.pool = []
+    body = pool.pop() if pool else _BodyGreenlet()
+    body.parent = getcurrent()
+    # Same contextvars as the asyncio task that drives it, as SQLAlchemy does.
+    body.gr_context = getcurrent().gr_context
+    if holder is not None:
+        holder.greenlet = body
+    # A _Yield of the body, or the coroutine of a nested call (await_in_body).
+    awaitable: Any = body.switch(coro)
+    while awaitable is not _FINISHED:
+        if body.dead:  # ended by GreenletExit, which it returned: as an unpooled greenlet
+            ended: T = awaitable
+            return ended
+        try:
+            sent = await awaitable
+        except BaseException as exc:
+            awaitable = body.throw(exc)
+        else:
+            awaitable = body.switch(sent)
+    if holder is not None:
+        holder.greenlet = None
+    result: T
+    result, error = body.outcome
+    # Neither the run's context nor its outcome is kept alive by an idle greenlet.
+    body.gr_context, body.outcome = None, (None, None)
+    if len(pool) < _POOL_SIZE:
+        pool.append(body)
+    if error is not None:
+        try:
+            raise error
+        finally:  # no cycle through this frame's traceback
+            error = None
+    return result
+
+
+def in_body() -> bool:
+    """True where :func:`await_in_body` can suspend: inside a driven coroutine's greenlet."""
+    return isinstance(getcurrent(), _BodyGreenlet)
+
+
+def await_in_body(awaitable: Awaitable[T]) -> T:
+    """From blocking code inside a driven body, await ``awaitable`` on the running loop."""
+    result: T = _parent().switch(awaitable)
+    return result
+
+
+def _parent() -> greenlet:
+    parent = getcurrent().parent
+    assert parent is not None, "a body greenlet always has the loop's greenlet as parent"
+    return parent

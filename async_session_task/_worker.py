@@ -1,0 +1,134 @@
+"""The worker side of the Celery face: every signal this package connects, the checks made
+at worker start, and ``celery inspect async_session_stats``.
+
+No single signal fires for every pool (docs/internals.md#worker-signals): the loop starts
+lazily at a process's first run, and is shut down by whichever of
+``worker_process_shutdown`` (prefork children that exit normally), ``worker_shutdown`` (the
+main process, every pool) and ``atexit`` (scripts, in-process test workers) comes first.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from typing import Any
+
+from celery import signals
+from celery.exceptions import ImproperlyConfigured
+from celery.worker.control import inspect_command
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import _config, _runtime
+from ._session import factories, runs, task_factory
+from ._task import AsyncSessionTask
+
+logger = logging.getLogger("async_session_task")
+
+# What every loop of this package runs: tasks a run starts belong to it; engines are
+# disposed on the loop before it stops; a lost loop takes its engines with it.
+_runtime.hooks.task_factory = task_factory
+_runtime.hooks.stopping.append(factories.dispose)
+_runtime.hooks.lost.append(factories.forget)
+
+#: Pool names as ``-P`` spells them, by the module of Celery's pool class.
+_POOL_NAMES = {"thread": "threads", "processes": "prefork"}
+
+
+def on_worker_init(sender: Any = None, **_: Any) -> None:
+    """``worker_init``: sent once, in the worker's main process, for every pool, after the
+    task modules were imported and before prefork children are forked (they inherit what
+    is recorded here)."""
+    pool_cls = getattr(sender, "pool_cls", None)
+    name = pool_cls if isinstance(pool_cls, str) else getattr(pool_cls, "__module__", "")
+    pool = name.rsplit(".", 1)[-1]
+    _runtime.set_worker_pool(_POOL_NAMES.get(pool, pool), os.getpid())
+    app = getattr(sender, "app", None)
+    if app is not None:
+        check_worker_tasks(app)
+        check_pool_capacity(app, getattr(sender, "concurrency", None))
+
+
+def check_worker_tasks(app: Any) -> None:
+    """Log every ``AsyncSessionTask`` of ``app`` whose settings cannot make sessions.
+
+    The worker still starts (it may serve other tasks); such a task fails each run with the
+    same :class:`ImproperlyConfigured` message, made by the same code.
+    """
+    for name, task in sorted(app.tasks.items()):
+        if not isinstance(task, AsyncSessionTask):
+            continue
+        engines: dict[_config.EngineKey, AsyncEngine] = {}
+        try:
+            _config.session_factory(_config.Settings.of(task), engines)
+        except ImproperlyConfigured as exc:
+            logger.error("Task %s will fail every run: %s", name, exc)
+        for engine in engines.values():  # made, never connected: nothing to close
+            engine.sync_engine.dispose(close=False)
+
+
+def check_pool_capacity(app: Any, concurrency: int | None) -> None:
+    """Warn once per pool when one process runs more tasks at once than its engine can
+    give connections to (threads, gevent, eventlet; prefork and solo run one at a time)."""
+    if not concurrency or _runtime.worker_pool() in ("prefork", "solo"):
+        return
+    warned: set[tuple[Any, ...]] = set()
+    for task in app.tasks.values():
+        if not isinstance(task, AsyncSessionTask):
+            continue
+        try:
+            settings = _config.Settings.of(task)
+            capacity, where = _config.pool_capacity(settings)
+        except Exception:  # misconfiguration is reported by check_worker_tasks
+            continue
+        if capacity is None or capacity >= concurrency or where in warned:
+            continue
+        warned.add(where)
+        logger.warning(
+            "The connection pool holds at most %d connections, but this worker runs up to "
+            "%d tasks at once in one process: runs will wait for a connection (and fail "
+            "after pool_timeout). Raise pool_size/max_overflow in %s to %d or more.",
+            capacity,
+            concurrency,
+            "async_session_engine_options" if settings.maker is None else "your engine",
+            concurrency,
+        )
+
+
+def forget_run(sender: Any = None, **_: Any) -> None:
+    """``task_postrun``: the run is forgotten here only, once, while the tracer still has its
+    request on the stack. Celery sends it on every outcome but a killed process
+    (docs/internals.md#task-postrun); ``after_return`` is skipped for RETRY, IGNORED and
+    REJECTED (docs/internals.md#after-return-skipped), and for a propagated eager failure
+    (docs/internals.md#eager-propagates)."""
+    if isinstance(sender, AsyncSessionTask):
+        runs.discard(sender.request)
+
+
+def shutdown(**_: Any) -> None:
+    """Close this process's loop, if it started one (its engines are disposed on it)."""
+    if _runtime.current() is not None and len(runs):
+        logger.warning("%d task session(s) were still registered at shutdown.", len(runs))
+    _runtime.shutdown()
+
+
+@inspect_command()  # type: ignore[untyped-decorator]  # celery is untyped
+def async_session_stats(state: Any, **_: Any) -> dict[str, Any]:
+    """Pid, whether an event loop runs, live sessions and engines of this process.
+
+    In a prefork worker the main process never starts a loop; each child has its own, and
+    reports leaked sessions in its log when it exits.
+    """
+    return {
+        "pid": os.getpid(),
+        "loop_running": _runtime.current() is not None,
+        "sessions": len(runs),
+        "engines": factories.engine_count(),
+    }
+
+
+signals.worker_init.connect(on_worker_init, weak=False)
+signals.task_postrun.connect(forget_run, weak=False)
+signals.worker_process_shutdown.connect(shutdown, weak=False)
+signals.worker_shutdown.connect(shutdown, weak=False)
+atexit.register(shutdown)
