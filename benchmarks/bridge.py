@@ -166,7 +166,7 @@ def db_ways(rows: int) -> Iterator[dict[str, tuple[str, Way]]]:
             ),
         }
     finally:
-        # Disposed on the loop its connections belong to (TRAPS 24).
+        # Disposed on the loop its connections belong to (docs/internals.md#dispose-on-loop).
         loop.run_until_complete(engine.dispose())
         loop.close()
         impl_sync.engine.dispose()

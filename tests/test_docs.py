@@ -1,5 +1,6 @@
 """Every code example in ``docs/`` runs here: pages include Python only from files, and each
-of those files is executed below (``examples/`` by test_examples.py and test_demo.py)."""
+of those files is executed below (``examples/`` by test_examples.py and test_demo.py). And
+every source the repository cites can be opened: an anchor of docs/internals.md, or upstream."""
 
 from __future__ import annotations
 
@@ -226,7 +227,7 @@ except RuntimeError as error:
 @pytest.mark.services
 def test_faq_different_loop_is_what_the_faq_says(database_url: str) -> None:
     """In a process of its own: it leaves a connection of a closed loop behind, as the FAQ
-    says (TRAPS 10, 24)."""
+    says (docs/internals.md#loop-bound-connections, docs/internals.md#dispose-on-loop)."""
     process = subprocess.run(
         [sys.executable, "-W", "always::ResourceWarning", "-c", FAQ_RUN, database_url],
         cwd=ROOT,
@@ -238,3 +239,97 @@ def test_faq_different_loop_is_what_the_faq_says(database_url: str) -> None:
     assert "first: 1" in process.stdout, process.stdout + process.stderr
     assert "attached to a different loop" in process.stdout, process.stdout + process.stderr
     assert "unclosed connection" in process.stderr, process.stderr
+
+
+#: Where comments and pages may cite sources: only what a maintainer can open.
+SCANNED = ("async_session_task/", "tests/", "docs/", "examples/", "benchmarks/", "README.md")
+#: A name for a document outside the repository, and numbered items of no tracker anyone can
+#: open. Built from parts, so that this file does not match them.
+UNFOLLOWABLE = (
+    re.compile("TRA" + "PS"),
+    re.compile(r"\biss" + r"ue \d+\b", re.IGNORECASE),
+)
+INTERNALS = DOCS / "internals.md"
+ANCHOR = re.compile(r"\{#([\w-]+)\}")
+CITED_ANCHOR = re.compile(r"internals\.md#([\w-]+)")
+#: The anchors of docs/internals.md, in page order. Code and links cite them: never rename one.
+INTERNALS_ANCHORS = (
+    "after-return-skipped",
+    "eager-propagates",
+    "hard-limit-in-parent",
+    "task-postrun",
+    "direct-call",
+    "request-stack",
+    "same-task-id",
+    "autoretry",
+    "plain-async-task",
+    "loop-bound-connections",
+    "fork",
+    "worker-signals",
+    "soft-limit-prefork",
+    "monkey-patched-threads",
+    "session-not-concurrent",
+    "nested-eager",
+    "cancel-then-wait",
+    "cancelled-db-call",
+    "context-per-run",
+    "context-copy",
+    "anyio-portals",
+    "gevent-loop-thread",
+    "eventlet-wait",
+    "dispose-on-loop",
+    "gather-on-session",
+    "base-exception-in-body",
+    "publish-from-spawned-task",
+    "outliving-tasks",
+    "join-subtask",
+)
+
+
+def tracked_text_files(*prefixes: str) -> list[tuple[str, str]]:
+    """(path, text) of the files git tracks under ``prefixes`` (all of them if none)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--", *prefixes],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    files = []
+    for path in filter(None, listing.split("\0")):
+        try:
+            files.append((path, (ROOT / path).read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue  # binary, or deleted in the work tree
+    return files
+
+
+def test_sources_cite_only_what_a_maintainer_can_open() -> None:
+    """Comments, docstrings and pages cite docs/internals.md or upstream, nothing else."""
+    files = tracked_text_files(*SCANNED)
+    assert any(path == "README.md" for path, _ in files), "git ls-files listed nothing"
+    hits = [
+        f"{path}:{number}: {line.strip()}"
+        for path, text in files
+        for number, line in enumerate(text.splitlines(), start=1)
+        if any(pattern.search(line) for pattern in UNFOLLOWABLE)
+    ]
+    assert not hits, "cite docs/internals.md#<anchor> or upstream instead:\n" + "\n".join(hits)
+
+
+def test_internals_anchors_are_stable() -> None:
+    assert tuple(ANCHOR.findall(INTERNALS.read_text())) == INTERNALS_ANCHORS
+
+
+def test_every_cited_internals_anchor_exists() -> None:
+    anchors = set(ANCHOR.findall(INTERNALS.read_text()))
+    cited = [
+        (f"{path}:{number}", anchor)
+        for path, text in tracked_text_files()
+        for number, line in enumerate(text.splitlines(), start=1)
+        for anchor in CITED_ANCHOR.findall(line)
+    ]
+    assert cited, "nothing cites docs/internals.md"
+    missing = [f"{where}: #{anchor}" for where, anchor in cited if anchor not in anchors]
+    assert not missing, "no such anchor in docs/internals.md:\n" + "\n".join(missing)

@@ -131,7 +131,8 @@ def test_apply_runs_the_body_with_its_request(tasks: Tasks) -> None:
 
 
 def test_direct_call_without_before_start(tasks: Tasks) -> None:
-    """TRAPS 5: calling the task object runs the body without before_start."""
+    """Calling the task object runs the body without before_start
+    (docs/internals.md#direct-call)."""
     assert tasks.add(4, 5)[0] == 9
     assert tasks.unbound(21) == 42
     tasks.assert_all_closed()
@@ -144,7 +145,8 @@ def test_task_always_eager_delay(app: Celery, tasks: Tasks) -> None:
 
 
 def test_eager_propagates_failure_still_ends_the_session(app: Celery, tasks: Tasks) -> None:
-    """TRAPS 2: with task_eager_propagates Celery skips after_return; the session still ends."""
+    """With task_eager_propagates Celery skips after_return; the session still ends
+    (docs/internals.md#eager-propagates)."""
     app.conf.task_eager_propagates = True
     with pytest.raises(ValueError, match="failed on purpose"):
         tasks.fail.apply()
@@ -152,7 +154,8 @@ def test_eager_propagates_failure_still_ends_the_session(app: Celery, tasks: Tas
 
 
 def test_failure_retry_ignore_end_the_session(tasks: Tasks) -> None:
-    """TRAPS 1: RETRY and IGNORED skip after_return; task_postrun forgets the run."""
+    """RETRY and IGNORED skip after_return; task_postrun forgets the run
+    (docs/internals.md#after-return-skipped)."""
     assert tasks.fail.apply().state == "FAILURE"
     assert tasks.retrying.apply().get() == 2
     assert tasks.ignored.apply().state == "IGNORED"
@@ -164,7 +167,8 @@ def test_failure_retry_ignore_end_the_session(tasks: Tasks) -> None:
 
 
 def test_nested_eager_call_inside_a_body(tasks: Tasks) -> None:
-    """TRAPS 16: apply() and a direct call inside a body run on the same loop."""
+    """apply() and a direct call inside a body run on the same loop
+    (docs/internals.md#nested-eager)."""
     result = tasks.nested.apply(task_id="outer")
     inner, direct, outer_id = result.get()
     assert inner[0] == 3
@@ -183,7 +187,7 @@ async def test_apply_from_inside_a_running_event_loop(tasks: Tasks) -> None:
 
 
 def test_context_variables_do_not_leak_between_runs(tasks: Tasks) -> None:
-    """TRAPS 19: each run starts from a copy of the caller's context."""
+    """Each run starts from a copy of the caller's context (docs/internals.md#context-per-run)."""
     assert tasks.set_flag.apply(args=("first",)).get() == "unset"
     assert tasks.set_flag.apply(args=("second",)).get() == "unset"
     token = flag.set("caller")
@@ -239,7 +243,8 @@ def test_missing_database_setting_fails_the_run() -> None:
 
 
 def test_runs_with_the_same_task_id_are_kept_apart() -> None:
-    """TRAPS 7: a retried or redelivered run can overlap the previous one with the same id."""
+    """A retried or redelivered run can overlap the previous one with the same id
+    (docs/internals.md#same-task-id)."""
     registry = Registry()
     first, second = Context(id="same"), Context(id="same")
     session_a, session_b = AsyncSession(), AsyncSession()
@@ -252,7 +257,8 @@ def test_runs_with_the_same_task_id_are_kept_apart() -> None:
     registry.discard(second)
     assert registry.get(first) is not None
     assert registry.get(second) is None
-    registry.discard(second)  # idempotent, tolerates a missing entry (TRAPS 3)
+    # Idempotent, and a missing entry is fine (docs/internals.md#hard-limit-in-parent).
+    registry.discard(second)
     assert len(registry) == 1
 
 
@@ -271,8 +277,9 @@ def test_loop_thread_refuses_blocking_calls() -> None:
 
 
 def test_interrupted_wait_cancels_the_body_and_waits_for_its_cleanup() -> None:
-    """TRAPS 13/17: a signal handler raising in the waiting thread (as prefork's soft time
-    limit does with SIGUSR1) cancels the coroutine, whose cleanup ends before the raise."""
+    """A signal handler raising in the waiting thread (as prefork's soft time limit does with
+    SIGUSR1) cancels the coroutine, whose cleanup ends before the raise
+    (docs/internals.md#soft-limit-prefork, docs/internals.md#cancel-then-wait)."""
     events: list[str] = []
 
     async def body() -> None:
@@ -305,7 +312,7 @@ def test_interrupted_wait_cancels_the_body_and_waits_for_its_cleanup() -> None:
 def test_the_runtime_watches_its_loop_for_stalls(
     app: Celery, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Issue 6: every runtime starts the loop-stall watchdog with its loop."""
+    """Every runtime starts the loop-stall watchdog with its loop."""
 
     @app.task(bind=True, base=AsyncSessionTask, shared=False)
     async def blocks(task: AsyncSessionTask) -> None:

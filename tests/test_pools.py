@@ -68,7 +68,8 @@ def test_pool_matrix(start_worker: StartWorker, pool: str, broker: str) -> None:
 @pytest.mark.parametrize("pool", POOLS)
 def test_soft_time_limit_cancels_and_rolls_back(start_worker: StartWorker, pool: str) -> None:
     """The body is cancelled at its await, its finally runs, its work is rolled back; Celery
-    sees SoftTimeLimitExceeded; the same process then serves the next task (TRAPS 13)."""
+    sees SoftTimeLimitExceeded; the same process then serves the next task
+    (docs/internals.md#soft-limit-prefork)."""
     with start_worker(pool=pool, concurrency=concurrency_of(pool)) as worker:
         k = key()
         result = worker.send(pg_app.sleepy, k, 30)
@@ -114,7 +115,8 @@ def test_hard_time_limit_on_gevent_cancels_the_body(start_worker: StartWorker) -
 
 
 def test_hard_time_limit_on_prefork_replaces_the_child(start_worker: StartWorker) -> None:
-    """TRAPS 3: the child is killed; the parent's after_return has no session and copes."""
+    """The child is killed; the parent's after_return has no session and copes
+    (docs/internals.md#hard-limit-in-parent)."""
     with start_worker(pool="prefork", concurrency=1) as worker:
         first_child = worker.worker.child_pids()
         k = key()
@@ -245,8 +247,9 @@ def test_warm_shutdown_lets_running_bodies_finish(start_worker: StartWorker, poo
 
 @pytest.mark.parametrize("pool", ["gevent", "eventlet"])
 def test_greenlets_keep_running_while_bodies_wait(start_worker: StartWorker, pool: str) -> None:
-    """TRAPS 14: a waiting greenlet never blocks the hub. While one body waits 2 s on
-    PostgreSQL, 50 short runs complete; 100 bodies that each await 1 s all run at once."""
+    """A waiting greenlet never blocks the hub (docs/internals.md#monkey-patched-threads).
+    While one body waits 2 s on PostgreSQL, 50 short runs complete; 100 bodies that each
+    await 1 s all run at once."""
     with start_worker(
         pool=pool, concurrency=100, engine_options={"pool_size": 20, "max_overflow": 90}
     ) as worker:

@@ -35,7 +35,7 @@ def assert_no_open_transaction(worker: ServiceWorker) -> None:
 
 
 def assert_clean_stop(worker: ServiceWorker) -> None:
-    """Item 10: after a warm shutdown nothing of the worker is left in PostgreSQL."""
+    """After a warm shutdown nothing of the worker is left in PostgreSQL."""
     assert worker.worker.stop() == 0
     assert worker.connections() == []
     log = worker.worker.log
@@ -60,7 +60,7 @@ def key() -> str:
 
 @pytest.mark.parametrize("pool", POOLS)
 def test_one_loop_per_process_reuses_connection_pool(start_worker: StartWorker, pool: str) -> None:
-    """Item 1 and 10: 500 runs use no more connections than the pool size in each process."""
+    """500 runs use no more connections than the pool size in each process."""
     with start_worker(pool=pool, concurrency=2, engine_options={"pool_size": 2}) as worker:
         job = group(pg_app.probe.s() for _ in range(500)).apply_async(queue=worker.queue)
         reports: list[dict[str, Any]] = job.get(timeout=WAIT)
@@ -92,7 +92,7 @@ def test_overlapping_runs_are_isolated(start_worker: StartWorker) -> None:
 
 @pytest.mark.parametrize("pool", POOLS)
 def test_session_ends_on_every_outcome(start_worker: StartWorker, pool: str) -> None:
-    """Item 5: success, exception, retry, Ignore, Reject, EncodeError: all end the session."""
+    """Success, exception, retry, Ignore, Reject, EncodeError: all end the session."""
     with start_worker(pool=pool, concurrency=2) as worker:
         keys = {how: key() for how in ("uncommitted", "commit", "error", "retry", "ignore",
                                        "reject", "unserializable")}  # fmt: skip
@@ -116,7 +116,7 @@ def test_session_ends_on_every_outcome(start_worker: StartWorker, pool: str) -> 
 
 
 def test_autoretry_for_and_dont_autoretry_for(start_worker: StartWorker) -> None:
-    """Item 4 (TRAPS 8): autoretry_for retries an async body up to max_retries."""
+    """autoretry_for retries an async body up to max_retries (docs/internals.md#autoretry)."""
     with start_worker(pool="prefork", concurrency=2) as worker:
         retried, not_retried = key(), key()
         first = worker.send(pg_app.flaky, retried, "ValueError")
@@ -134,7 +134,7 @@ def test_autoretry_for_and_dont_autoretry_for(start_worker: StartWorker) -> None
 
 
 def test_update_state_and_autocommit(start_worker: StartWorker) -> None:
-    """Item 4: update_state from the body; ``autocommit`` commits a successful body."""
+    """update_state from the body; ``autocommit`` commits a successful body."""
     with start_worker(pool="threads", concurrency=4) as worker:
         state = worker.send(pg_app.report_state)
         assert state.get(timeout=WAIT) == state.id
@@ -147,7 +147,8 @@ def test_update_state_and_autocommit(start_worker: StartWorker) -> None:
 
 
 def test_same_task_id_runs_never_share_a_session(start_worker: StartWorker) -> None:
-    """Item 6 (TRAPS 7): a retry publishes the next run, same id, before this one ends."""
+    """A retry publishes the next run, same id, before this one ends
+    (docs/internals.md#same-task-id)."""
     with start_worker(pool="threads", concurrency=8) as worker:
         keys = [key() for _ in range(30)]
         results = [worker.send(pg_app.outcome, k, "retry") for k in keys]
@@ -158,7 +159,8 @@ def test_same_task_id_runs_never_share_a_session(start_worker: StartWorker) -> N
 
 
 def test_nested_eager_call_from_a_body(start_worker: StartWorker) -> None:
-    """Item 7 (TRAPS 16): ``other.apply()`` inside a body runs on the same loop and pool."""
+    """``other.apply()`` inside a body runs on the same loop and pool
+    (docs/internals.md#nested-eager)."""
     with start_worker(pool="prefork", concurrency=1) as worker:
         k = key()
         result = worker.send(pg_app.nested, k)
@@ -168,7 +170,7 @@ def test_nested_eager_call_from_a_body(start_worker: StartWorker) -> None:
 
 
 def test_app_sessionmaker_connected_before_fork(start_worker: StartWorker) -> None:
-    """Item 9 (TRAPS 11): the app's engine connected in the prefork parent; children work."""
+    """The app's engine connected in the prefork parent; children work (docs/internals.md#fork)."""
     with start_worker(
         pool="prefork",
         concurrency=2,
@@ -188,7 +190,7 @@ def test_app_sessionmaker_connected_before_fork(start_worker: StartWorker) -> No
 
 
 def test_prefork_parent_never_starts_a_loop(start_worker: StartWorker) -> None:
-    """Item 9: in a prefork worker only the children run loops and hold connections."""
+    """In a prefork worker only the children run loops and hold connections."""
     with start_worker(pool="prefork", concurrency=2) as worker:
         worker.send(pg_app.probe).get(timeout=WAIT)
         parent = runtime_stats(pg_app.app, worker)

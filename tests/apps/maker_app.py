@@ -1,7 +1,8 @@
 """An app that brings its own ``async_sessionmaker``, as a FastAPI project would.
 
 With ``AST_WARM_PARENT=1`` the engine connects at import time, so in a prefork worker the
-parent process holds a pooled connection that every forked child inherits (TRAPS 11).
+parent process holds a pooled connection that every forked child inherits
+(docs/internals.md#fork).
 """
 
 from __future__ import annotations
