@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import threading
 import time
@@ -203,8 +204,8 @@ def measure(ways: dict[str, tuple[str, Way]], calls: int, rounds: int) -> dict[s
 def run(calls: int, db_calls: int, rows: int, rounds: int, inline: bool = False) -> dict[str, Any]:
     """The trivial ways, then (if ``db_calls``) the DB ways."""
     if inline:
-        # What worker_process_init does in a prefork child or a solo worker.
-        _runtime._mark_one_at_a_time()
+        # What worker_init records in a solo worker: the loop runs in the calling thread.
+        _runtime.set_worker_pool("solo", os.getpid())
     ways = measure(WAYS, calls, rounds)
     median = {name: way["median"] for name, way in ways.items()}
     result: dict[str, Any] = {

@@ -10,12 +10,16 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 from celery import Celery
 from celery.exceptions import Ignore, Reject
 from sqlalchemy import Integer, String, func, select, text
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Mapped, mapped_column
 
 from async_session_task import AsyncSessionTask, current_session
@@ -188,3 +192,112 @@ async def pg_sleeper(self: AsyncSessionTask, seconds: float) -> dict[str, float]
     started = time.time()
     await self.session.execute(text("select pg_sleep(:s)"), {"s": seconds})
     return {"started": started, "ended": time.time()}
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def gather_on_session(self: AsyncSessionTask, queries: int) -> None:
+    """The mistake the FAQ warns about: concurrent queries on the run's one session."""
+    await asyncio.gather(
+        *(self.session.execute(text("select pg_sleep(0.01)")) for _ in range(queries))
+    )
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def exits(self: AsyncSessionTask, how: str) -> None:
+    """Raises SystemExit or KeyboardInterrupt from the body, after an await."""
+    await asyncio.sleep(0)
+    raise {"SystemExit": SystemExit(3), "KeyboardInterrupt": KeyboardInterrupt()}[how]
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def publish_from_spawned(self: AsyncSessionTask) -> dict[str, list[str]]:
+    """Publishes from coroutines the body started: gather, a TaskGroup, create_task; then
+    from the body itself."""
+    queue = self.request.delivery_info["routing_key"]
+
+    async def publish() -> str:
+        await asyncio.sleep(0)
+        return str(probe.apply_async(queue=queue).id)
+
+    gathered = await asyncio.gather(publish(), publish())
+    async with asyncio.TaskGroup() as group:
+        grouped = [group.create_task(publish()) for _ in range(2)]
+    created = await asyncio.create_task(publish())
+    return {
+        "spawned": [*gathered, *(task.result() for task in grouped), created],
+        "body": [str(probe.apply_async(queue=queue).id)],
+    }
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def leaves_work_behind(self: AsyncSessionTask, key: str) -> str:
+    """Starts a coroutine that would write with the run's session after the run ended."""
+
+    async def background() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            try:
+                current_session()
+            except RuntimeError as exc:
+                logger.warning("background %s: %s", key, exc)
+            raise
+        current_session().add(Note(key=key, text="late"))
+        await current_session().flush()
+
+    asyncio.create_task(background())  # noqa: RUF006  # left behind on purpose
+    await asyncio.sleep(0)
+    return "returned"
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def joins_subtask(self: AsyncSessionTask) -> dict[str, Any]:
+    """Waits for a subtask's result from the body, as a sync task may."""
+    queue = self.request.delivery_info["routing_key"]
+    child = probe.apply_async(queue=queue)
+    report = child.get(disable_sync_subtasks=False, timeout=20)
+    return {"child": child.id, "child_parent": report["parent_id"], "id": self.request.id}
+
+
+@app.task(bind=True, base=AsyncSessionTask, async_session_maker="tests.apps.pg_app:second_maker")
+async def on_second_database(self: AsyncSessionTask) -> str:
+    """Its own async_session_maker, while app.conf sets async_session_url."""
+    return str(await self.session.scalar(text("select current_setting('application_name')")))
+
+
+# A second database, as a task's own async_session_maker (the same server, told apart by the
+# application_name of its connections).
+second_maker = (
+    async_sessionmaker(
+        create_async_engine(
+            os.environ["AST_DATABASE_URL"],
+            connect_args={"server_settings": {"application_name": "ast-second-database"}},
+        )
+    )
+    if os.environ.get("AST_DATABASE_URL")
+    else None
+)
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def uses_anyio(self: AsyncSessionTask) -> dict[str, Any]:
+    """anyio in a body: a task group whose members see the run, a blocking call moved off
+    the loop, a cancel scope."""
+    seen: list[str | None] = []
+
+    async def member() -> None:
+        await anyio.lowlevel.checkpoint()
+        seen.append(self.request.id)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(3):
+            group.start_soon(member)
+    off_loop = await anyio.to_thread.run_sync(lambda: threading.get_ident())
+    with anyio.move_on_after(0.05) as scope:
+        await anyio.sleep(30)
+    return {
+        "seen": seen,
+        "id": self.request.id,
+        "off_loop": off_loop != threading.get_ident(),
+        "moved_on": scope.cancelled_caught,
+    }
