@@ -66,7 +66,9 @@ class Crossing:
             return
         # A context per run: ContextVars never leak from one run to the next
         # (docs/internals.md#context-per-run).
-        self.task = self._loop.create_task(self._run(coro), context=context)
+        # Made directly, not through the loop's task factory: this is the run's own task,
+        # not one the run started.
+        self.task = asyncio.Task(self._run(coro), loop=self._loop, context=context)
 
     async def _run(self, coro: Coroutine[Any, Any, Any]) -> None:
         # The caller is woken as the coroutine ends, rather than by a done callback of the

@@ -59,8 +59,9 @@ class Run:
         self.crossing: Crossing | None = None
         #: The greenlet stepping the body while it runs (for the stall watchdog).
         self.greenlet: Any = None
-        #: The asyncio tasks the run's coroutines started, with their coroutine's name.
-        self.tasks: dict[asyncio.Task[Any], str] = {}
+        #: The asyncio tasks the run's coroutines started, with their coroutine's name
+        #: (None until the first: most runs start none).
+        self.tasks: dict[asyncio.Task[Any], str] | None = None
         self.ended = False
 
     def __repr__(self) -> str:
@@ -111,7 +112,8 @@ class Run:
 
     async def _end(self) -> None:
         self.ended = True  # from here on, current_session() and self.session refuse
-        pending = {task: name for task, name in self.tasks.items() if not task.done()}
+        tasks, self.tasks = self.tasks or {}, None
+        pending = {task: name for task, name in tasks.items() if not task.done()}
         if pending:
             # They would use the session while it closes, or after (docs/internals.md
             # #gather-on-session, docs/internals.md#outliving-tasks): a run owns the tasks
@@ -127,7 +129,6 @@ class Run:
             for task in pending:
                 task.cancel()
             await asyncio.wait(list(pending), timeout=CANCEL_GRACE)
-        self.tasks.clear()
         session, self._session = self._session, None
         if session is not None:
             # Rolls back what was not committed and returns the connection to the pool.
@@ -184,6 +185,8 @@ def task_factory(
     if run is None or run.ended or not isinstance(coro, CoroutineType):
         return asyncio.Task(coro, loop=loop, context=context)
     task = asyncio.Task(drive(coro), loop=loop, context=context)
+    if run.tasks is None:
+        run.tasks = {}
     run.tasks[task] = coro.__qualname__
     return task
 
@@ -221,7 +224,7 @@ class Registry:
             return None
         for run in list(self._runs.values()):
             crossing = run.crossing
-            if (crossing is not None and crossing.task is task) or task in run.tasks:
+            if (crossing is not None and crossing.task is task) or task in (run.tasks or ()):
                 return run
         return None
 
