@@ -137,7 +137,9 @@ class PrivatePgBouncer:
     console (``show("POOLS")``).
     """
 
-    def __init__(self, postgres: PrivatePostgres, pool_size: int = 4) -> None:
+    def __init__(
+        self, postgres: PrivatePostgres, pool_size: int = 4, settings: dict[str, str] | None = None
+    ) -> None:
         self.postgres = postgres
         self.root = Path(tempfile.mkdtemp(prefix="ast-pgbouncer-"))
         self.port = free_port()
@@ -155,6 +157,7 @@ class PrivatePgBouncer:
             f"pool_mode = transaction\ndefault_pool_size = {pool_size}\n"
             "max_client_conn = 500\n"
             f"logfile = {self.root / 'pgbouncer.log'}\npidfile = {self.root / 'pgbouncer.pid'}\n"
+            + "".join(f"{name} = {value}\n" for name, value in (settings or {}).items())
         )
         prefix = []
         if os.geteuid() == 0:  # pgbouncer refuses to run as root
