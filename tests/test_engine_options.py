@@ -17,9 +17,12 @@ from async_session_task._config import Settings, create_engine
 URL = "postgresql+asyncpg://app@127.0.0.1:6432/shop"
 
 
+def settings(options: dict[str, Any]) -> Settings:
+    return Settings(url=URL, engine_options=options, session_options={}, maker=None)
+
+
 def engine_pool(options: dict[str, Any]) -> Any:
-    settings = Settings(url=URL, engine_options=options, session_options={}, maker=None)
-    engine = create_engine(settings)  # connects on first use only
+    engine = create_engine(settings(options))  # connects on first use only
     try:
         return engine.pool
     finally:
@@ -77,16 +80,15 @@ def test_the_preset_takes_your_pool() -> None:
         AsyncAdaptedQueuePool
     )
     # A connect_args key you give wins over the preset's.
-    assert pgbouncer_engine_options(connect_args={"statement_cache_size": 10})["connect_args"][
-        "statement_cache_size"
-    ] == 10
+    assert (
+        pgbouncer_engine_options(connect_args={"statement_cache_size": 10})["connect_args"][
+            "statement_cache_size"
+        ]
+        == 10
+    )
 
 
 def test_equal_presets_share_one_engine_key() -> None:
     """Two tasks given the preset separately use one engine (one pool) per process."""
-
-    def key() -> tuple[str, str]:
-        options = pgbouncer_engine_options()
-        return Settings(url=URL, engine_options=options, session_options={}, maker=None).engine_key()
-
-    assert key() == key()
+    first, second = pgbouncer_engine_options(), pgbouncer_engine_options()
+    assert settings(first).engine_key() == settings(second).engine_key()

@@ -198,8 +198,8 @@ def test_runs_through_pgbouncer_with_the_preset(pgbouncer: PrivatePgBouncer) -> 
     assert sampler.samples > 0
     assert 0 < sampler.peak <= SERVER_POOL < MAX_CONNECTIONS
     assert "too many clients" not in pgbouncer.log
-    pool = next(p for p in pgbouncer.show("POOLS") if p["database"] == postgres.database)
-    assert (pool["sv_active"], pool["cl_waiting"]) == ("0", "0"), pool
+    pools_row = next(p for p in pgbouncer.show("POOLS") if p["database"] == postgres.database)
+    assert (pools_row["sv_active"], pools_row["cl_waiting"]) == ("0", "0"), pools_row
     states = postgres.query("select coalesce(state, '') from pg_stat_activity")
     assert not [s for (s,) in states if s.startswith("idle in transaction")]
     statements = prepared_statements(pgbouncer)
