@@ -46,7 +46,7 @@ DEFAULT_STALL_THRESHOLD = 1.0
 #: Options given to every engine built from ``async_session_url``, under the user's
 #: ``async_session_engine_options``. ``pool_pre_ping=True``: a pooled connection is tested
 #: before a run gets it, so a database restart or failover costs no run that starts after
-#: it (SQLAlchemy "Disconnect Handling - Pessimistic"; docs/configuration.md#engine-defaults).
+#: it (docs/internals.md#dead-pooled-connections).
 ENGINE_DEFAULTS: Mapping[str, Any] = {"pool_pre_ping": True}
 
 #: The asyncio driver to suggest for a URL whose driver is sync or not named.

@@ -3,8 +3,8 @@
 In transaction mode two transactions of one client connection may run on different server
 connections, so a prepared statement made in one may be missing from ("does not exist") or
 already taken on ("already exists") the next (sqlalchemy/sqlalchemy#6467). What SQLAlchemy's
-asyncpg dialect documents for it ("Prepared Statement Name with PGBouncer") is set here, and
-explained in docs/deployment.md#pgbouncer-in-transaction-mode.
+asyncpg dialect documents for it ("Prepared Statement Name with PGBouncer") is set here
+(docs/internals.md#pgbouncer-prepared-statements).
 """
 
 from __future__ import annotations

@@ -284,6 +284,8 @@ INTERNALS_ANCHORS = (
     "publish-from-spawned-task",
     "outliving-tasks",
     "join-subtask",
+    "dead-pooled-connections",
+    "pgbouncer-prepared-statements",
 )
 
 

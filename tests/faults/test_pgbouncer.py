@@ -4,7 +4,7 @@ Real workers on three pools at once (prefork, threads, gevent: 62 runs at a time
 PgBouncer whose server pool holds 4 connections, in front of a private PostgreSQL with
 ``max_connections = 10``. With :func:`~async_session_task.pgbouncer_engine_options` every
 run ends as intended; without it, asyncpg's prepared statements fail
-(docs/deployment.md#pgbouncer-in-transaction-mode).
+(docs/internals.md#pgbouncer-prepared-statements).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def pgbouncer(private_redis: PrivateRedis) -> Iterator[PrivatePgBouncer]:
         Base.metadata.create_all(engine)
         engine.dispose()
         # DISCARD ALL after every transaction: the uniquely named statements of the preset
-        # would pile up on the server connections otherwise (docs/deployment.md).
+        # would pile up on the server connections otherwise
+        # (docs/internals.md#pgbouncer-prepared-statements).
         reset = {"server_reset_query_always": "1"}
         bouncer = PrivatePgBouncer(postgres, pool_size=SERVER_POOL, settings=reset)
         soak_app.app.conf.update(broker_url=private_redis.url, result_backend=private_redis.url)

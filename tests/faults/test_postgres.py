@@ -110,7 +110,7 @@ def test_restart_between_runs_costs_no_run(
 ) -> None:
     """With no engine option set (``pool_pre_ping`` is the library's default), the 20 runs
     after a restart all succeed in the same worker processes, on new server connections
-    (docs/configuration.md#engine-defaults)."""
+    (docs/internals.md#dead-pooled-connections)."""
     with start_fault_worker(pool=pool, concurrency=2) as worker:
         before = run_batch(worker)
         assert all(isinstance(r, dict) for r in before), before
