@@ -43,6 +43,12 @@ SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False}
 STALL_THRESHOLD = "async_session_stall_threshold"
 DEFAULT_STALL_THRESHOLD = 1.0
 
+#: Options given to every engine built from ``async_session_url``, under the user's
+#: ``async_session_engine_options``. ``pool_pre_ping=True``: a pooled connection is tested
+#: before a run gets it, so a database restart or failover costs no run that starts after
+#: it (docs/internals.md#dead-pooled-connections).
+ENGINE_DEFAULTS: Mapping[str, Any] = {"pool_pre_ping": True}
+
 #: The asyncio driver to suggest for a URL whose driver is sync or not named.
 ASYNC_DRIVERS: Mapping[str, str] = {
     "postgresql": "asyncpg",
@@ -254,7 +260,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
     url = parse_url(settings)
     shown = url.render_as_string(hide_password=True)
     try:
-        return _create_async_engine(url, **settings.engine_options)
+        return _create_async_engine(url, **{**ENGINE_DEFAULTS, **settings.engine_options})
     except ImportError as exc:
         raise ImproperlyConfigured(
             f"Task {settings.task_name!r}: the driver of {shown} is not installed "

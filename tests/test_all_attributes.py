@@ -26,3 +26,12 @@ def test_all_names_the_public_objects(module: types.ModuleType) -> None:
         and getattr(value, "__module__", None) in own
     }
     assert sorted(module.__all__) == sorted(public)
+
+
+def test_the_package_names() -> None:
+    """The public names the docs describe (docs/api.md)."""
+    assert sorted(async_session_task.__all__) == [
+        "AsyncSessionTask",
+        "current_session",
+        "pgbouncer_engine_options",
+    ]

@@ -183,7 +183,8 @@ def test_the_testing_page_suite_passes(tmp_path: Path) -> None:
 
 @pytest.mark.services
 def test_deployment_engine_options(database_url: str) -> None:
-    """Both option sets are accepted by asyncpg; DIRECT's statement_timeout reaches the server."""
+    """Both option sets are accepted by asyncpg; DIRECT's statement_timeout reaches the server
+    (the PgBouncer preset on a real PgBouncer: tests/faults/test_pgbouncer.py)."""
     from docs.examples import deployment
 
     app = Celery("docs-deployment", set_as_current=False)
@@ -283,6 +284,8 @@ INTERNALS_ANCHORS = (
     "publish-from-spawned-task",
     "outliving-tasks",
     "join-subtask",
+    "dead-pooled-connections",
+    "pgbouncer-prepared-statements",
 )
 
 

@@ -52,7 +52,9 @@ def missing() -> str | None:
 class PrivatePostgres:
     """A PostgreSQL cluster of our own: ``stop()``, ``start()``, ``restart()`` at will."""
 
-    def __init__(self, database: str = "faults") -> None:
+    def __init__(self, database: str = "faults", settings: dict[str, str] | None = None) -> None:
+        #: Server settings given on the command line, e.g. ``{"max_connections": "10"}``.
+        self.settings = settings or {}
         self.root = Path(tempfile.mkdtemp(prefix="ast-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
@@ -83,7 +85,7 @@ class PrivatePostgres:
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
+        ) + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         log = str(self.root / "postgres.log")
         self._run("pg_ctl", action, "-D", str(self.data), "-w", "-o", options, "-l", log, *args)
 
@@ -118,6 +120,85 @@ class PrivatePostgres:
     def execute(self, sql: str) -> None:
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
             conn.execute(sql)
+
+
+def pgbouncer_missing() -> str | None:
+    """Why a private PgBouncer cannot be started here, or None."""
+    reason = missing()
+    if reason is None and shutil.which("pgbouncer", path=f"{os.environ['PATH']}:/usr/sbin") is None:
+        reason = "pgbouncer not found (Debian package pgbouncer)"
+    return reason
+
+
+class PrivatePgBouncer:
+    """A PgBouncer of our own in front of ``postgres``, in transaction pooling mode.
+
+    Every client logs in as ``root`` without a password; ``root`` may use the admin
+    console (``show("POOLS")``).
+    """
+
+    def __init__(
+        self, postgres: PrivatePostgres, pool_size: int = 4, settings: dict[str, str] | None = None
+    ) -> None:
+        self.postgres = postgres
+        self.root = Path(tempfile.mkdtemp(prefix="ast-pgbouncer-"))
+        self.port = free_port()
+        self.pool_size = pool_size
+        config = self.root / "pgbouncer.ini"
+        (self.root / "userlist.txt").write_text('"root" ""\n')
+        config.write_text(
+            "[databases]\n"
+            f"{postgres.database} = host=127.0.0.1 port={postgres.port} "
+            f"dbname={postgres.database} user=root\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {self.root / 'userlist.txt'}\n"
+            "admin_users = root\n"
+            f"pool_mode = transaction\ndefault_pool_size = {pool_size}\n"
+            "max_client_conn = 500\n"
+            f"logfile = {self.root / 'pgbouncer.log'}\npidfile = {self.root / 'pgbouncer.pid'}\n"
+            + "".join(f"{name} = {value}\n" for name, value in (settings or {}).items())
+        )
+        prefix = []
+        if os.geteuid() == 0:  # pgbouncer refuses to run as root
+            shutil.chown(self.root, "postgres")
+            prefix = ["runuser", "-u", "postgres", "--"]
+        binary = shutil.which("pgbouncer", path=f"{os.environ['PATH']}:/usr/sbin") or "pgbouncer"
+        self.process = subprocess.Popen(
+            [*prefix, binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 30
+        while not reachable(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pgbouncer on port {self.port} did not start: {self.log}")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        """The URL a worker uses (asyncpg), through PgBouncer."""
+        return f"postgresql+asyncpg://root@127.0.0.1:{self.port}/{self.postgres.database}"
+
+    @property
+    def log(self) -> str:
+        path = self.root / "pgbouncer.log"
+        return path.read_text() if path.exists() else ""
+
+    def show(self, what: str) -> list[dict[str, str]]:
+        """``SHOW <what>`` on the admin console (simple query protocol only: psql)."""
+        process = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "root", "-d", "pgbouncer",
+             "--csv", "-c", f"SHOW {what}"],
+            check=True, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        header, *rows = process.stdout.splitlines()
+        names = header.split(",")
+        return [dict(zip(names, row.split(","), strict=True)) for row in rows]
+
+    def destroy(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class PrivateRedis:

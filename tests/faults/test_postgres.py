@@ -104,6 +104,29 @@ def test_restart_mid_run(
         assert "still registered at shutdown" not in worker.worker.log
 
 
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads", "gevent", "eventlet"])
+def test_restart_between_runs_costs_no_run(
+    start_fault_worker: StartFaultWorker, private_postgres: PrivatePostgres, pool: str
+) -> None:
+    """With no engine option set (``pool_pre_ping`` is the library's default), the 20 runs
+    after a restart all succeed in the same worker processes, on new server connections
+    (docs/internals.md#dead-pooled-connections)."""
+    with start_fault_worker(pool=pool, concurrency=2) as worker:
+        before = run_batch(worker)
+        assert all(isinstance(r, dict) for r in before), before
+        pids = processes(worker, pool)
+        stale = {r["backend_pid"] for r in before}
+
+        private_postgres.restart()
+
+        after = run_batch(worker)
+        assert all(isinstance(r, dict) for r in after), after
+        assert {r["pid"] for r in after} <= pids
+        assert processes(worker, pool) == pids
+        assert not {r["backend_pid"] for r in after} & stale
+        assert worker.worker.stop() == 0
+
+
 def test_unreachable_at_worker_start(
     start_fault_worker: StartFaultWorker, private_postgres: PrivatePostgres
 ) -> None:

@@ -9,14 +9,17 @@ import os
 from celery import Celery
 from celery.exceptions import Ignore
 
-from async_session_task import AsyncSessionTask
+from async_session_task import AsyncSessionTask, pgbouncer_engine_options
 from tests.faults.app import Entry
 
 _broker = os.environ.get("AST_BROKER_URL", "redis://127.0.0.1:6379/0")
 app = Celery("soak_app", broker=_broker, backend=os.environ.get("AST_RESULT_BACKEND", _broker))
+_engine_options = json.loads(os.environ.get("AST_ENGINE_OPTIONS", "{}"))
+if os.environ.get("AST_PGBOUNCER") == "1":  # tests/faults/test_pgbouncer.py
+    _engine_options = pgbouncer_engine_options(**_engine_options)
 app.conf.update(
     async_session_url=os.environ.get("AST_DATABASE_URL"),
-    async_session_engine_options=json.loads(os.environ.get("AST_ENGINE_OPTIONS", "{}")),
+    async_session_engine_options=_engine_options,
     result_expires=3600,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,

@@ -1,0 +1,94 @@
+"""The engine options the library adds: ``pool_pre_ping`` by default, and the PgBouncer preset.
+
+Their effect on real servers is tested in tests/faults (a PostgreSQL restart, a PgBouncer in
+transaction mode); here, what reaches ``create_async_engine``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
+
+from async_session_task import pgbouncer_engine_options
+from async_session_task._config import Settings, create_engine
+
+URL = "postgresql+asyncpg://app@127.0.0.1:6432/shop"
+
+
+def settings(options: dict[str, Any]) -> Settings:
+    return Settings(url=URL, engine_options=options, session_options={}, maker=None)
+
+
+def engine_pool(options: dict[str, Any]) -> Any:
+    engine = create_engine(settings(options))  # connects on first use only
+    try:
+        return engine.pool
+    finally:
+        engine.sync_engine.dispose(close=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "pre_ping"),
+    [({}, True), ({"pool_size": 2}, True), ({"pool_pre_ping": False}, False)],
+)
+def test_pool_pre_ping_unless_the_options_say_otherwise(
+    options: dict[str, Any], pre_ping: bool
+) -> None:
+    # SQLAlchemy keeps the setting on the pool; there is no public accessor.
+    assert engine_pool(options)._pre_ping is pre_ping
+
+
+def test_the_preset() -> None:
+    options = pgbouncer_engine_options()
+    assert options["poolclass"] is NullPool
+    args = options["connect_args"]
+    assert args["statement_cache_size"] == 0
+    assert args["prepared_statement_cache_size"] == 0
+    names = {args["prepared_statement_name_func"]() for _ in range(100)}
+    assert len(names) == 100
+    assert all(name.startswith("__asyncpg_") for name in names)
+    pool = engine_pool(options)
+    assert isinstance(pool, NullPool)
+    assert pool._pre_ping is True
+
+
+def test_the_preset_merges_your_options() -> None:
+    mine = {
+        "echo": True,
+        "connect_args": {"server_settings": {"application_name": "shop"}, "timeout": 5},
+    }
+    options = pgbouncer_engine_options(**mine)
+    assert options["echo"] is True
+    assert options["poolclass"] is NullPool
+    assert options["connect_args"]["server_settings"] == {"application_name": "shop"}
+    assert options["connect_args"]["timeout"] == 5
+    assert options["connect_args"]["statement_cache_size"] == 0
+    # Your options are not changed, and each call returns a new dict.
+    assert mine["connect_args"] == {"server_settings": {"application_name": "shop"}, "timeout": 5}
+    assert pgbouncer_engine_options() == pgbouncer_engine_options()
+    assert pgbouncer_engine_options() is not pgbouncer_engine_options()
+    assert "echo" not in pgbouncer_engine_options()
+
+
+def test_the_preset_takes_your_pool() -> None:
+    sized = pgbouncer_engine_options(pool_size=4, max_overflow=0)
+    assert "poolclass" not in sized
+    assert isinstance(engine_pool(sized), AsyncAdaptedQueuePool)
+    assert pgbouncer_engine_options(poolclass=AsyncAdaptedQueuePool)["poolclass"] is (
+        AsyncAdaptedQueuePool
+    )
+    # A connect_args key you give wins over the preset's.
+    assert (
+        pgbouncer_engine_options(connect_args={"statement_cache_size": 10})["connect_args"][
+            "statement_cache_size"
+        ]
+        == 10
+    )
+
+
+def test_equal_presets_share_one_engine_key() -> None:
+    """Two tasks given the preset separately use one engine (one pool) per process."""
+    first, second = pgbouncer_engine_options(), pgbouncer_engine_options()
+    assert settings(first).engine_key() == settings(second).engine_key()
