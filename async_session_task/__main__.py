@@ -1,0 +1,5 @@
+"""``python -m async_session_task check -A proj``: the check without the ``celery`` program."""
+
+from ._check import async_session
+
+async_session(prog_name="python -m async_session_task")
