@@ -23,7 +23,6 @@ from celery.app.utils import find_app
 from celery.bin.base import CeleryCommand
 from celery.exceptions import ImproperlyConfigured
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool, QueuePool
 
@@ -108,7 +107,10 @@ async def probe(target: Target) -> None:
             else:
                 target.facts = (".".join(map(str, engine.dialect.server_version_info or ())),)
     except Exception as exc:  # any driver's failure to connect is this row's finding
-        target.error = f"{type(exc).__name__}: {exc}"
+        # The driver's own error, not SQLAlchemy's wrappers of it.
+        cause = getattr(exc, "orig", None) or exc
+        cause = cause.__cause__ or cause
+        target.error = f"{type(cause).__name__}: {str(cause).strip()}".splitlines()[0]
         return
     finally:
         # Closed at once: the next engine's count of connections in use excludes ours.
@@ -247,6 +249,7 @@ def bouncer_row(target: Target) -> Row:
 
 
 def timeout_row(target: Target, statement_timeout_ms: int) -> Row:
+    """The server's statement_timeout against the smallest time limit of the tasks."""
     limits = {}
     for task in target.tasks:
         conf = task.app.conf
@@ -260,13 +263,8 @@ def timeout_row(target: Target, statement_timeout_ms: int) -> Row:
     if statement_timeout_ms and statement_timeout_ms <= limit * 1000:
         return Row(OK, "statement_timeout", f"{statement_timeout_ms} ms <= {limit} s ({name})")
     setting = f"{statement_timeout_ms} ms" if statement_timeout_ms else "off"
-    return Row(
-        WARN,
-        "statement_timeout",
-        f"{setting}, {name} has a time limit of {limit} s: a "
-        "stopped run's statement keeps running on the server; set it below the limit "
-        "(docs/check.md#statement_timeout)",
-    )
+    detail = "a stopped run's statement keeps running on the server; set it below the limit"
+    return Row(WARN, "statement_timeout", f"{setting}, {name} has a limit of {limit} s: {detail}")
 
 
 def run_check(app: Any, pool: str | None = None, concurrency: int | None = None) -> list[Row]:
@@ -283,21 +281,11 @@ def run_check(app: Any, pool: str | None = None, concurrency: int | None = None)
     for target in targets:
         rows += target_rows(target)
     rows += [*budget_rows(targets, processes), lifespan]
-    passwords = {_password(t) for t in app.tasks.values() if isinstance(t, AsyncSessionTask)}
-    passwords |= {target.engine.url.password for target in targets}
-    for row in rows:
-        for password in passwords:
-            row.detail = row.detail.replace(password, "***") if password else row.detail
+    # URLs are rendered with hide_password=True; a driver's message might still quote one.
+    for password in {str(t.engine.url.password) for t in targets if t.engine.url.password}:
+        for row in rows:
+            row.detail = row.detail.replace(password, "***")
     return [Row(OK, "worker", f"{app.main or app}: -P {pool} -c {concurrency}"), *rows]
-
-
-def _password(task: Any) -> str | None:
-    """The password in a task's URL, to be masked wherever a message might quote it."""
-    try:
-        url = _config.Settings.of(task).url
-        return make_url(url).password if url is not None else None
-    except Exception:  # not a URL: its message never quotes it (_config.parse_url)
-        return None
 
 
 @click.group(name="async-session")
