@@ -2,4 +2,5 @@
 
 from ._check import async_session
 
-async_session(prog_name="python -m async_session_task")
+if __name__ == "__main__":
+    async_session(prog_name="python -m async_session_task")

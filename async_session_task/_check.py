@@ -64,7 +64,7 @@ class Target:
     error: str = ""
     connect_ms: float = 0.0
     facts: tuple[Any, ...] = ()
-    bouncer: str | None = None  # PgBouncer's version (or "hidden"), "" when none answered
+    bouncer: str | None = None  # PgBouncer's version; "" when the server said none; None: unknown
     bouncer_answer: str = ""
     runs: int = 1  # runs at once per worker process
     capacity: int = 1  # connections its pool gives one process
