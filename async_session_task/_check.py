@@ -1,0 +1,316 @@
+"""``celery -A proj async-session check``: what a worker of this app would meet, before it does.
+
+Registered in the ``celery.commands`` entry point group, as Flower registers ``celery flower``
+(Celery's CLI adds every command of that group), and reachable as
+``python -m async_session_task check -A proj``. Sessions are resolved by the same code as a
+task's first run (:func:`_config.session_factory`); probes run on a private event loop
+(``asyncio.run``: a command, not a worker) that disposes every engine it connected. No line
+shows a password (docs/check.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import click
+from celery.app.utils import find_app
+from celery.bin.base import CeleryCommand
+from celery.exceptions import ImproperlyConfigured
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import NullPool, QueuePool
+
+from . import _config
+from ._task import AsyncSessionTask
+
+OK, WARN, ERROR, SKIP = "OK", "WARN", "ERROR", "SKIP"
+#: ``-P`` as Celery spells it.
+POOLS = ("prefork", "processes", "solo", "threads", "gevent", "eventlet")
+#: What the server says of its connections, in one round trip (statement_timeout in ms).
+_SERVER_FACTS = text(
+    "select current_setting('server_version'), current_setting('max_connections')::int, "
+    "current_setting('superuser_reserved_connections')::int, (select count(*) from "
+    "pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()), "
+    "(select setting::int from pg_settings where name = 'statement_timeout')"
+)
+#: The statement-cache options that transaction pooling needs (docs/check.md#pgbouncer).
+_CACHE_OFF = {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
+# HOOK (lifespan): the reader of the ``async_session_lifespan`` setting, ``lifespan(app)`` ->
+# a callable taking the app and returning an async context manager, or None when unset.
+# Until the settings leaf has one, the lifespan row says "not configured".
+_read_lifespan: Callable[[Any], Any] | None = getattr(_config, "lifespan", None)
+
+
+@dataclass
+class Row:
+    status: str
+    check: str
+    detail: str
+
+
+@dataclass
+class Target:
+    """One engine the app's tasks use, with what a probe found out about its server."""
+
+    engine: AsyncEngine
+    settings: _config.Settings
+    tasks: list[Any] = field(default_factory=list)
+    error: str = ""
+    connect_ms: float = 0.0
+    facts: tuple[Any, ...] = ()
+    bouncer: str | None = None  # PgBouncer's version; "" when the server said none; None: unknown
+    bouncer_answer: str = ""
+    runs: int = 1  # runs at once per worker process
+    capacity: int = 1  # connections its pool gives one process
+
+
+def resolve_targets(app: Any) -> tuple[list[Row], list[Target]]:
+    """Every AsyncSessionTask's session factory, by the first run's code; their engines."""
+    rows: list[Row] = []
+    targets: dict[int, Target] = {}
+    engines: dict[_config.EngineKey, AsyncEngine] = {}
+    tasks = [t for _, t in sorted(app.tasks.items()) if isinstance(t, AsyncSessionTask)]
+    for task in tasks:
+        settings = _config.Settings.of(task)
+        try:
+            maker = _config.session_factory(settings, engines)
+        except ImproperlyConfigured as exc:
+            rows.append(Row(ERROR, f"task {task.name}", str(exc)))
+            continue
+        for engine in _config.engines_of(maker):
+            targets.setdefault(id(engine), Target(engine, settings)).tasks.append(task)
+    if not tasks:
+        rows.append(Row(WARN, "session factories", "no AsyncSessionTask in this app"))
+    else:
+        failed = len(rows)
+        status = ERROR if failed else OK
+        detail = f"{len(tasks) - failed} of {len(tasks)} tasks resolve, {len(targets)} engine(s)"
+        rows.insert(0, Row(status, "session factories", detail))
+    return rows, list(targets.values())
+
+
+async def probe(target: Target) -> None:
+    """Connect with the configured driver; ask the server (and a PgBouncer) about itself."""
+    engine = target.engine
+    started = time.perf_counter()
+    try:
+        async with engine.connect() as conn:
+            target.connect_ms = (time.perf_counter() - started) * 1000
+            if engine.dialect.name == "postgresql":
+                target.facts = tuple((await conn.execute(_SERVER_FACTS)).one())
+            else:
+                target.facts = (".".join(map(str, engine.dialect.server_version_info or ())),)
+    except Exception as exc:  # any driver's failure to connect is this row's finding
+        # The driver's own error, not SQLAlchemy's wrappers of it.
+        cause = getattr(exc, "orig", None) or exc
+        cause = cause.__cause__ or cause
+        target.error = f"{type(cause).__name__}: {str(cause).strip()}".splitlines()[0]
+        return
+    finally:
+        # Closed at once: the next engine's count of connections in use excludes ours.
+        await engine.dispose()
+    if engine.dialect.driver != "asyncpg":
+        return
+    url = engine.url
+    try:
+        # PgBouncer answers for its admin console, "pgbouncer", with its own version as the
+        # server_version parameter; PostgreSQL has no such database (docs/check.md#pgbouncer).
+        login = {"host": url.host, "port": url.port, "user": url.username}
+        console = await asyncpg.connect(
+            **login, password=url.password, database="pgbouncer", timeout=10
+        )
+    except asyncpg.InvalidCatalogNameError as exc:
+        target.bouncer, target.bouncer_answer = "", str(exc)
+    except asyncpg.PostgresError as exc:
+        # An admin console that refuses a user not in admin_users/stats_users.
+        target.bouncer = "(version not shown to this user)" if "not allowed" in str(exc) else None
+        target.bouncer_answer = str(exc)
+    except (TimeoutError, OSError) as exc:
+        target.bouncer_answer = f"{type(exc).__name__}: {exc}"
+    else:
+        version = console.get_settings().server_version
+        await console.close()
+        target.bouncer = version.removesuffix("/bouncer") if "bouncer" in version else ""
+        target.bouncer_answer = f"server_version {version}"
+
+
+async def probe_all(app: Any, targets: list[Target]) -> Row:
+    """Probe every engine, then enter and exit the lifespan; the row of the lifespan."""
+    for target in targets:
+        await probe(target)
+    lifespan = _read_lifespan(app) if _read_lifespan is not None else None
+    if lifespan is None:
+        return Row(SKIP, "lifespan", "not configured")
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(30), lifespan(app):
+            pass
+    except Exception as exc:
+        name = f"{lifespan.__module__}:{lifespan.__qualname__}"
+        return Row(ERROR, "lifespan", f"{name} failed: {type(exc).__name__}: {exc}")
+    return Row(OK, "lifespan", f"entered and exited in {time.perf_counter() - started:.2f} s")
+
+
+def target_rows(target: Target) -> list[Row]:
+    """The rows of one engine, from what its probe found."""
+    engine, facts = target.engine, target.facts
+    url = engine.url.render_as_string(hide_password=True)
+    names = ", ".join(t.name for t in target.tasks[:3]) + (", ..." if len(target.tasks) > 3 else "")
+    if target.error:
+        return [Row(ERROR, "database", f"cannot connect to {url} ({names}): {target.error}")]
+    is_pg = engine.dialect.name == "postgresql"
+    server = f"{'PostgreSQL ' if is_pg else ''}{facts[0]}, driver {engine.dialect.driver}"
+    detail = f"{url}: connected in {target.connect_ms:.0f} ms, {server}"
+    rows = [Row(OK, "database", f"{detail}; {len(target.tasks)} task(s): {names}")]
+    runs = target.runs
+    sync_pool = engine.sync_engine.pool
+    overflow = getattr(sync_pool, "_max_overflow", -1)  # QueuePool keeps it private
+    if isinstance(sync_pool, QueuePool) and overflow >= 0:
+        capacity = sync_pool.size() + overflow
+        sizing = f"pool_size {sync_pool.size()} + max_overflow {overflow}"
+    else:
+        capacity, sizing = runs, f"{type(sync_pool).__name__}: a connection per run"
+    target.capacity = capacity
+    if capacity < runs:
+        detail = f"{sizing} < {runs} runs at once per process: runs wait for a connection"
+        rows.append(Row(WARN, "pool", f"{detail}; raise pool_size + max_overflow"))
+    else:
+        rows.append(Row(OK, "pool", f"{sizing} for {runs} run(s) at once per process"))
+    rows.append(bouncer_row(target))
+    pre_ping = getattr(sync_pool, "_pre_ping", False)  # Pool keeps it private
+    if isinstance(sync_pool, NullPool) or pre_ping:
+        rows.append(Row(OK, "pool_pre_ping", "on" if pre_ping else "NullPool: every run connects"))
+    else:
+        detail = "off: after a database restart each pooled connection fails one run"
+        rows.append(Row(WARN, "pool_pre_ping", f"{detail}; set pool_pre_ping=True"))
+    if is_pg:
+        rows.append(timeout_row(target, facts[4]))
+    return rows
+
+
+def budget_rows(targets: list[Target], processes: int) -> list[Row]:
+    """Connections the worker's processes may hold on each server, against what it has free."""
+    servers: dict[tuple[Any, ...], list[Target]] = {}
+    for target in targets:
+        if target.engine.dialect.name == "postgresql" and not target.error:
+            url = target.engine.url
+            servers.setdefault((url.host, url.port, bool(target.bouncer)), []).append(target)
+    rows = []
+    for (host, port, bouncer), group in servers.items():
+        needed = sum(processes * min(t.capacity, t.runs) for t in group)
+        ceiling = sum(processes * t.capacity for t in group)
+        if bouncer:
+            detail = f"{needed} client connections through PgBouncer, which sizes the server's"
+            rows.append(Row(OK, "connection budget", f"{detail} share"))
+            continue
+        _, max_connections, reserved, in_use, _ = group[0].facts
+        free = max_connections - reserved - in_use
+        terms = " + ".join(str(min(t.capacity, t.runs)) for t in group)
+        detail = (
+            f"{host}:{port or 5432}: {processes} process(es) x "
+            f"{terms if len(group) == 1 else f'({terms})'} = {needed}"
+            + (f" (the pools could open {ceiling})" if ceiling > needed else "")
+            + f" {'>' if needed > free else '<='} {free} free (max_connections "
+            f"{max_connections} - {reserved} reserved - {in_use} in use)"
+        )
+        rows.append(Row(ERROR if needed > free else OK, "connection budget", detail))
+    return rows
+
+
+def bouncer_row(target: Target) -> Row:
+    """PgBouncer in front of the server, and whether the statement cache suits it."""
+    driver = target.engine.dialect.driver
+    if driver != "asyncpg":
+        return Row(SKIP, "pgbouncer", f"not probed with driver {driver}")
+    if target.bouncer == "":
+        return Row(OK, "pgbouncer", f"none (the server answered: {target.bouncer_answer})")
+    if target.bouncer is None:
+        return Row(WARN, "pgbouncer", f"unknown (admin console: {target.bouncer_answer})")
+    found = f"PgBouncer {target.bouncer}"
+    if target.settings.maker is not None:
+        detail = "the statement-cache options of your own engine cannot be read: docs/check.md"
+        return Row(WARN, "pgbouncer", f"{found}; {detail}")
+    options = target.settings.engine_options.get("connect_args", {})
+    args = {**target.engine.url.query, **options}
+    missing = [name for name, off in _CACHE_OFF.items() if int(args.get(name, 100)) != off]
+    missing += [] if "prepared_statement_name_func" in args else ["prepared_statement_name_func"]
+    if not missing:
+        return Row(OK, "pgbouncer", f"{found}; statement cache off")
+    return Row(ERROR, "pgbouncer", (
+        f"{found} detected, statement cache not disabled ({', '.join(missing)} not set): "
+        "prepared statements fail in transaction pooling; use pgbouncer_engine_options()"
+    ))  # fmt: skip
+
+
+def timeout_row(target: Target, statement_timeout_ms: int) -> Row:
+    """The server's statement_timeout against the smallest time limit of the tasks."""
+    limits = {}
+    for task in target.tasks:
+        conf = task.app.conf
+        soft = task.soft_time_limit or conf.task_soft_time_limit
+        hard = task.time_limit or conf.task_time_limit
+        if soft or hard:
+            limits[task.name] = min(x for x in (soft, hard) if x)
+    if not limits:
+        return Row(OK, "statement_timeout", f"{statement_timeout_ms} ms; no task time limits")
+    name, limit = min(limits.items(), key=lambda item: item[1])
+    if statement_timeout_ms and statement_timeout_ms <= limit * 1000:
+        return Row(OK, "statement_timeout", f"{statement_timeout_ms} ms <= {limit} s ({name})")
+    setting = f"{statement_timeout_ms} ms" if statement_timeout_ms else "off"
+    detail = "a stopped run's statement keeps running on the server; set it below the limit"
+    return Row(WARN, "statement_timeout", f"{setting}, {name} has a limit of {limit} s: {detail}")
+
+
+def run_check(app: Any, pool: str | None = None, concurrency: int | None = None) -> list[Row]:
+    """The rows of the check of ``app`` for ``-P pool -c concurrency`` (defaults: app.conf)."""
+    app.loader.import_default_modules()
+    pool = {"processes": "prefork"}.get(pool or app.conf.worker_pool, pool or app.conf.worker_pool)
+    concurrency = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
+    # prefork: a process per run, one run at a time; solo: one; others: -c runs in one process.
+    processes, runs = {"prefork": (concurrency, 1), "solo": (1, 1)}.get(pool, (1, concurrency))
+    rows, targets = resolve_targets(app)
+    for target in targets:
+        target.runs = runs
+    lifespan = asyncio.run(probe_all(app, targets))
+    for target in targets:
+        rows += target_rows(target)
+    rows += [*budget_rows(targets, processes), lifespan]
+    # URLs are rendered with hide_password=True; a driver's message might still quote one.
+    for password in {str(t.engine.url.password) for t in targets if t.engine.url.password}:
+        for row in rows:
+            row.detail = row.detail.replace(password, "***")
+    return [Row(OK, "worker", f"{app.main or app}: -P {pool} -c {concurrency}"), *rows]
+
+
+@click.group(name="async-session")
+def async_session() -> None:
+    """async_session_task commands."""
+
+
+@async_session.command(cls=CeleryCommand)
+@click.option("-A", "--app", "app_name", help="The app, as for celery -A (else celery's -A).")
+@click.option("-P", "--pool", type=click.Choice(POOLS), help="Default: worker_pool.")
+@click.option("-c", "--concurrency", type=int, help="Default: worker_concurrency, else CPUs.")
+@click.pass_context
+def check(
+    ctx: click.Context, app_name: str | None, pool: str | None, concurrency: int | None
+) -> None:
+    """Check what a worker of the app would meet: sessions, database, budget, PgBouncer."""
+    if app_name is not None:
+        app = find_app(app_name)
+    elif getattr(ctx.obj, "app", None) is not None:
+        app = ctx.obj.app
+    else:
+        raise click.UsageError("give the app: -A proj (or celery -A proj async-session check)")
+    rows = run_check(app, pool, concurrency)
+    for row in rows:
+        click.echo(f"{row.status:<5}  {row.check:<18}  {row.detail}")
+    errors = sum(row.status == ERROR for row in rows)
+    click.echo(f"{errors} error(s)" if errors else "no errors")
+    ctx.exit(1 if errors else 0)

@@ -1,0 +1,192 @@
+"""``celery -A proj async-session check`` and ``python -m async_session_task check``, run as
+commands against the test database, a refused port and a private PgBouncer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from async_session_task import _config
+from tests.conftest import REQUIRE_SERVICES
+
+pytestmark = pytest.mark.services
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "check-Secret-7f3a"
+APP = "tests.apps.check_app"
+PGBOUNCER = shutil.which("pgbouncer", path=f"{os.environ['PATH']}:/usr/sbin")
+
+
+def check(database_url: str, *args: str, celery: bool = False, **env: str) -> tuple[int, list[str]]:
+    """Run the check of ``tests.apps.check_app`` on ``database_url`` (with a password the
+    server ignores); its exit status and the lines it printed."""
+    url = make_url(database_url).set(password=PASSWORD).render_as_string(hide_password=False)
+    command = (
+        ["-m", "celery", "-A", APP, "async-session", "check"]
+        if celery
+        else ["-m", "async_session_task", "check", "-A", APP]
+    )
+    process = subprocess.run(
+        [sys.executable, *command, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "AST_CHECK_URL": url, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = process.stdout + process.stderr
+    assert PASSWORD not in output
+    return process.returncode, output.splitlines()
+
+
+def line(lines: list[str], start: str) -> str:
+    """The one line that starts with ``start`` (status and check, as printed)."""
+    found = [text for text in lines if text.startswith(start)]
+    assert len(found) == 1, "\n".join(lines)
+    return found[0]
+
+
+def test_a_healthy_app_passes(database_url: str) -> None:
+    code, lines = check(
+        database_url,
+        "-P",
+        "threads",
+        "-c",
+        "8",
+        AST_CHECK_ENGINE_OPTIONS='{"pool_size": 4, "max_overflow": 4, "pool_pre_ping": true,'
+        ' "connect_args": {"server_settings": {"statement_timeout": "20000"}}}',
+        AST_CHECK_SOFT_TIME_LIMIT="30",
+    )
+    assert code == 0, "\n".join(lines)
+    assert line(lines, "OK     worker ").endswith("check_app: -P threads -c 8")
+    assert "1 of 1 tasks resolve, 1 engine(s)" in line(lines, "OK     session factories ")
+    database = line(lines, "OK     database ")
+    assert f"root:***@127.0.0.1/{make_url(database_url).database}: connected in" in database
+    assert ", PostgreSQL 15" in database
+    assert "pool_size 4 + max_overflow 4 for 8 run(s)" in line(lines, "OK     pool ")
+    assert "1 process(es) x 8 = 8 <= " in line(lines, "OK     connection budget ")
+    assert 'database "pgbouncer" does not exist' in line(lines, "OK     pgbouncer ")
+    assert line(lines, "OK     pool_pre_ping ").endswith("on")
+    assert "20000 ms <= 30.0 s (check.query)" in line(lines, "OK     statement_timeout ")
+    if not hasattr(_config, "lifespan"):
+        assert line(lines, "SKIP   lifespan ").endswith("not configured")
+    assert lines[-1] == "no errors"
+
+
+def test_an_unreachable_database(database_url: str) -> None:
+    url = make_url(database_url).set(port=1).render_as_string(hide_password=False)
+    code, lines = check(url, celery=True)
+    assert code == 1
+    assert "cannot connect to postgresql+asyncpg://root:***@127.0.0.1:1/" in line(
+        lines, "ERROR  database "
+    )
+    assert "ConnectionRefusedError" in line(lines, "ERROR  database ")
+    assert lines[-1] == "1 error(s)"
+
+
+def test_a_sync_driver(database_url: str) -> None:
+    url = database_url.replace("+asyncpg", "+psycopg2")
+    code, lines = check(url)
+    assert code == 1
+    assert "0 of 1 tasks resolve" in line(lines, "ERROR  session factories ")
+    assert "uses 'psycopg2', a sync driver; use 'postgresql+asyncpg://'" in line(
+        lines, "ERROR  task check.query "
+    )
+
+
+def test_a_budget_over_max_connections(database_url: str) -> None:
+    """150 prefork children of one connection each: more than PostgreSQL's 100."""
+    options = '{"pool_size": 1, "max_overflow": 1}'
+    code, lines = check(
+        database_url, "-P", "prefork", "-c", "150", celery=True, AST_CHECK_ENGINE_OPTIONS=options
+    )
+    assert code == 1
+    budget = line(lines, "ERROR  connection budget ")
+    assert "127.0.0.1:5432: 150 process(es) x 1 = 150 (the pools could open 300) > " in budget
+    assert "(max_connections 100 - 3 reserved - " in budget
+    assert lines[-1] == "1 error(s)"
+
+
+@pytest.fixture(scope="module")
+def pgbouncer_url(database_url: str) -> Iterator[str]:
+    """A private PgBouncer in transaction pooling in front of the test database."""
+    if PGBOUNCER is None:
+        reason = "pgbouncer not found (Debian package pgbouncer)"
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="ast-check-pgbouncer-"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (root / "users.txt").write_text('"root" ""\n')
+    (root / "pgbouncer.ini").write_text(
+        "[databases]\n* = host=127.0.0.1 port=5432\n[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {root / 'users.txt'}\nadmin_users = root\n"
+        f"pool_mode = transaction\ndefault_pool_size = 2\nlogfile = {root / 'pgbouncer.log'}\n"
+    )
+    prefix = []
+    if os.geteuid() == 0:  # pgbouncer refuses to run as root
+        shutil.chown(root, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    process = subprocess.Popen([*prefix, PGBOUNCER, str(root / "pgbouncer.ini")])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert process.poll() is None, "pgbouncer exited"
+            assert time.monotonic() < deadline, "pgbouncer did not listen within 30 s"
+            time.sleep(0.05)
+        yield make_url(database_url).set(port=port).render_as_string(hide_password=False)
+    finally:
+        process.terminate()
+        process.wait(30)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_pgbouncer_without_the_preset(pgbouncer_url: str) -> None:
+    code, lines = check(pgbouncer_url, "-P", "threads", "-c", "4")
+    assert code == 1
+    assert (
+        "detected, statement cache not disabled (statement_cache_size, "
+        "prepared_statement_cache_size, prepared_statement_name_func not set)"
+    ) in line(lines, "ERROR  pgbouncer           PgBouncer 1.")
+    assert "client connections through PgBouncer" in line(lines, "OK     connection budget ")
+    assert lines[-1] == "1 error(s)"
+
+
+def test_pgbouncer_with_the_preset(pgbouncer_url: str) -> None:
+    code, lines = check(pgbouncer_url, "-P", "threads", "-c", "4", AST_CHECK_PGBOUNCER="1")
+    assert code == 0, "\n".join(lines)
+    assert line(lines, "OK     pgbouncer ").endswith("; statement cache off")
+
+
+@pytest.mark.skipif(
+    not hasattr(_config, "lifespan"), reason="no async_session_lifespan reader in _config yet"
+)
+@pytest.mark.parametrize(
+    ("lifespan", "expected"),
+    [
+        ("lifespan", "OK     lifespan            entered and exited in "),
+        ("failing_lifespan", "ERROR  lifespan            "),
+    ],
+)
+def test_the_lifespan_enters_and_exits(database_url: str, lifespan: str, expected: str) -> None:
+    code, lines = check(database_url, AST_CHECK_LIFESPAN=f"{APP}:{lifespan}")
+    assert code == (0 if expected.startswith("OK") else 1)
+    found = line(lines, expected)
+    if lifespan == "failing_lifespan":
+        assert "ConnectionError: check_app: the lifespan's service is down" in found
