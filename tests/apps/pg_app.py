@@ -292,12 +292,12 @@ async def uses_anyio(self: AsyncSessionTask, to_thread: bool = True) -> dict[str
     async with anyio.create_task_group() as group:
         for _ in range(3):
             group.start_soon(member)
-    off_loop = to_thread and await anyio.to_thread.run_sync(threading.get_ident)
+    ident = await anyio.to_thread.run_sync(threading.get_ident) if to_thread else None
     with anyio.move_on_after(0.05) as scope:
         await anyio.sleep(30)
     return {
         "seen": seen,
         "id": self.request.id,
-        "off_loop": off_loop not in (False, threading.get_ident()),
+        "off_loop": ident not in (None, threading.get_ident()),
         "moved_on": scope.cancelled_caught,
     }
