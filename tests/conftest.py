@@ -38,13 +38,18 @@ BROKERS = {
 SERVICES_OPTIONAL = {"RabbitMQ": ("127.0.0.1", 5672)}
 
 
+def unavailable(reason: str | None, kind: str = "service test") -> None:
+    """Skip with ``reason`` (or, when services are required, fail) if there is one."""
+    if reason:
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
+        pytest.skip(f"{reason} ({kind})")
+
+
 def require(name: str, address: tuple[str, int]) -> None:
     """Skip (or, when services are required, fail) unless ``name`` answers at ``address``."""
     if not _reachable(address):
-        reason = f"{name} not reachable on {address[0]}:{address[1]}"
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
-        pytest.skip(f"{reason} (service test)")
+        unavailable(f"{name} not reachable on {address[0]}:{address[1]}")
 
 
 @functools.cache
@@ -66,10 +71,7 @@ def services() -> None:
     """Skip (or, with ASYNC_SESSION_TASK_REQUIRE_SERVICES=1, fail) without PostgreSQL/Redis."""
     missing = [name for name, address in SERVICES.items() if not _reachable(address)]
     if missing:
-        reason = f"{' and '.join(missing)} not reachable on 127.0.0.1"
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
-        pytest.skip(f"{reason} (service test)")
+        unavailable(f"{' and '.join(missing)} not reachable on 127.0.0.1")
 
 
 @pytest.fixture(scope="session")

@@ -4,27 +4,24 @@ commands against the test database, a refused port and a private PgBouncer."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
 from async_session_task import _config
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import unavailable
+from tests.faults.services import PrivatePgBouncer, pgbouncer_missing
 
 pytestmark = pytest.mark.services
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "check-Secret-7f3a"
 APP = "tests.apps.check_app"
-PGBOUNCER = shutil.which("pgbouncer", path=f"{os.environ['PATH']}:/usr/sbin")
 
 
 def check(database_url: str, *args: str, celery: bool = False, **env: str) -> tuple[int, list[str]]:
@@ -117,44 +114,22 @@ def test_a_budget_over_max_connections(database_url: str) -> None:
     assert lines[-1] == "1 error(s)"
 
 
+@dataclass
+class SharedServer:
+    port: int
+    database: str
+
+
 @pytest.fixture(scope="module")
 def pgbouncer_url(database_url: str) -> Iterator[str]:
     """A private PgBouncer in transaction pooling in front of the test database."""
-    if PGBOUNCER is None:
-        reason = "pgbouncer not found (Debian package pgbouncer)"
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
-        pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="ast-check-pgbouncer-"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    (root / "users.txt").write_text('"root" ""\n')
-    (root / "pgbouncer.ini").write_text(
-        "[databases]\n* = host=127.0.0.1 port=5432\n[pgbouncer]\n"
-        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"auth_type = trust\nauth_file = {root / 'users.txt'}\nadmin_users = root\n"
-        f"pool_mode = transaction\ndefault_pool_size = 2\nlogfile = {root / 'pgbouncer.log'}\n"
-    )
-    prefix = []
-    if os.geteuid() == 0:  # pgbouncer refuses to run as root
-        shutil.chown(root, "postgres")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    process = subprocess.Popen([*prefix, PGBOUNCER, str(root / "pgbouncer.ini")])
+    unavailable(pgbouncer_missing())
+    url = make_url(database_url)
+    bouncer = PrivatePgBouncer(SharedServer(url.port or 5432, str(url.database)), pool_size=2)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert process.poll() is None, "pgbouncer exited"
-            assert time.monotonic() < deadline, "pgbouncer did not listen within 30 s"
-            time.sleep(0.05)
-        yield make_url(database_url).set(port=port).render_as_string(hide_password=False)
+        yield url.set(port=bouncer.port).render_as_string(hide_password=False)
     finally:
-        process.terminate()
-        process.wait(30)
-        shutil.rmtree(root, ignore_errors=True)
+        bouncer.destroy()
 
 
 def test_pgbouncer_without_the_preset(pgbouncer_url: str) -> None:

@@ -23,7 +23,7 @@ from async_session_task._config import Settings
 from async_session_task._worker import check_worker_tasks
 from async_session_task.testing import worker_process
 from tests.apps import misconfigured_app
-from tests.conftest import REQUIRE_SERVICES, StartWorker
+from tests.conftest import StartWorker, unavailable
 from tests.faults.services import SECRET_ROLE, PrivatePostgres, missing
 
 PASSWORD = f"Sup3rS3cretPw-{uuid.uuid4().hex[:10]}"
@@ -67,11 +67,7 @@ CASES: dict[str, tuple[dict[str, Any], type[BaseException]]] = {
 @pytest.fixture(scope="module")
 def scram_postgres(services: None) -> Iterator[PrivatePostgres]:
     """A private cluster where SECRET_ROLE must give its password (scram-sha-256)."""
-    reason = missing()
-    if reason:
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
-        pytest.skip(reason)
+    unavailable(missing(), "service test")
     postgres = PrivatePostgres()
     try:
         postgres.execute(f"CREATE ROLE {SECRET_ROLE} LOGIN PASSWORD '{RIGHT_PASSWORD}'")

@@ -12,18 +12,14 @@ import pytest
 from sqlalchemy import create_engine
 
 from async_session_task.testing import WorkerProcess, worker_process
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import unavailable
 from tests.faults import app as fault_app
 from tests.faults.services import PrivatePostgres, PrivateRedis, missing
 
 
 @pytest.fixture(scope="session")
 def private_servers() -> None:
-    reason = missing()
-    if reason:
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
-        pytest.skip(f"{reason} (fault test)")
+    unavailable(missing(), "fault test")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg
 
@@ -130,7 +130,19 @@ def pgbouncer_missing() -> str | None:
     return reason
 
 
-class PrivatePgBouncer:
+class Server(Protocol):
+    """A PostgreSQL server PgBouncer can front: a PrivatePostgres, or the shared one."""
+
+    @property
+    def port(self) -> int: ...
+    @property
+    def database(self) -> str: ...
+
+
+ServerT = TypeVar("ServerT", bound=Server)
+
+
+class PrivatePgBouncer(Generic[ServerT]):
     """A PgBouncer of our own in front of ``postgres``, in transaction pooling mode.
 
     Every client logs in as ``root`` without a password; ``root`` may use the admin
@@ -138,7 +150,7 @@ class PrivatePgBouncer:
     """
 
     def __init__(
-        self, postgres: PrivatePostgres, pool_size: int = 4, settings: dict[str, str] | None = None
+        self, postgres: ServerT, pool_size: int = 4, settings: dict[str, str] | None = None
     ) -> None:
         self.postgres = postgres
         self.root = Path(tempfile.mkdtemp(prefix="ast-pgbouncer-"))

@@ -23,15 +23,16 @@ from celery.result import ResultSet
 from sqlalchemy import create_engine
 
 from async_session_task.testing import WorkerProcess, worker_process
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import unavailable
 from tests.faults.app import Base
 from tests.faults.services import PrivatePgBouncer, PrivatePostgres, PrivateRedis, wait_for
 from tests.faults.services import pgbouncer_missing as missing
 from tests.soak import app as soak_app
-from tests.soak.test_soak import EXPECTED, mix
+from tests.soak.test_soak import EXPECTED, mix, send
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(420)]
 
+Bouncer = PrivatePgBouncer[PrivatePostgres]
 MAX_CONNECTIONS = 10
 SERVER_POOL = 4
 #: Pool -> (concurrency, runs): 2,000 runs, 62 at a time, against 4 server connections.
@@ -39,12 +40,8 @@ WORKLOAD = {"prefork": (4, 500), "threads": (8, 600), "gevent": (50, 900)}
 
 
 @pytest.fixture(scope="module")
-def pgbouncer(private_redis: PrivateRedis) -> Iterator[PrivatePgBouncer]:
-    reason = missing()
-    if reason:
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
-        pytest.skip(reason)
+def pgbouncer(private_redis: PrivateRedis) -> Iterator[Bouncer]:
+    unavailable(missing(), "fault test")
     postgres = PrivatePostgres(settings={"max_connections": str(MAX_CONNECTIONS)})
     try:
         engine = create_engine(postgres.url.replace("+asyncpg", "+psycopg"))
@@ -91,7 +88,10 @@ class ServerConnections(threading.Thread):
 
 @contextlib.contextmanager
 def workers(
-    bouncer: PrivatePgBouncer, pools: dict[str, int], preset: bool, engine_options: dict[str, Any]
+    bouncer: Bouncer,
+    pools: dict[str, int],
+    preset: bool,
+    engine_options: dict[str, Any],
 ) -> Iterator[dict[str, WorkerProcess]]:
     """One real worker per pool, all through ``bouncer``."""
     env = {
@@ -117,25 +117,7 @@ def workers(
         yield started
 
 
-def send(worker: WorkerProcess, prefix: str, kinds: list[str]) -> list[tuple[str, Any]]:
-    """One run per kind; (kind, result) of those that store a result (``Ignore`` does not)."""
-    sent = []
-    with soak_app.app.producer_or_acquire() as producer:
-        for i, kind in enumerate(kinds):
-            limits = (
-                {"soft_time_limit": soak_app.SOFT_LIMIT, "time_limit": 30}
-                if kind == "soft_limit"
-                else {}
-            )
-            result = soak_app.soak.apply_async(
-                (f"{prefix}:{kind}:{i}", kind), queue=worker.queue, producer=producer, **limits
-            )
-            if kind != "ignore":
-                sent.append((kind, result))
-    return sent
-
-
-def prepared_statements(bouncer: PrivatePgBouncer) -> dict[int, int]:
+def prepared_statements(bouncer: Bouncer) -> dict[int, int]:
     """Server connection -> its prepared statements, seen by one transaction on each."""
     dsn = f"host=127.0.0.1 port={bouncer.port} user=root dbname={bouncer.postgres.database}"
     counts = {}
@@ -163,7 +145,9 @@ def committed(postgres: PrivatePostgres, prefix: str) -> Counter[str]:
     return Counter({kind: int(n) for kind, n in rows})
 
 
-def test_runs_through_pgbouncer_with_the_preset(pgbouncer: PrivatePgBouncer) -> None:
+def test_runs_through_pgbouncer_with_the_preset(
+    pgbouncer: Bouncer,
+) -> None:
     """2,000 mixed runs, 62 at a time, through 4 server connections: each ends as intended."""
     postgres = pgbouncer.postgres
     prefix = uuid.uuid4().hex[:8]
@@ -208,7 +192,9 @@ def test_runs_through_pgbouncer_with_the_preset(pgbouncer: PrivatePgBouncer) -> 
     assert set(statements.values()) == {0}, statements
 
 
-def test_without_the_preset_prepared_statements_fail(pgbouncer: PrivatePgBouncer) -> None:
+def test_without_the_preset_prepared_statements_fail(
+    pgbouncer: Bouncer,
+) -> None:
     """The same runs with asyncpg's defaults: statements prepared on one server connection
     are missing from, or already taken on, the next (sqlalchemy/sqlalchemy#6467)."""
     prefix = uuid.uuid4().hex[:8]

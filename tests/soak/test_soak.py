@@ -29,7 +29,7 @@ from celery.result import ResultSet
 from sqlalchemy import create_engine
 
 from async_session_task.testing import WorkerProcess, worker_process
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import unavailable
 from tests.faults.app import Base
 from tests.faults.services import PrivatePostgres, PrivateRedis, missing, wait_for
 from tests.soak import app as soak_app
@@ -60,11 +60,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
-    reason = missing()
-    if reason:
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
-        pytest.skip(reason)
+    unavailable(missing(), "soak test")
     postgres, redis = PrivatePostgres(), PrivateRedis()
     try:
         engine = create_engine(postgres.url.replace("+asyncpg", "+psycopg"))
@@ -132,8 +128,9 @@ def worker_pids(worker: WorkerProcess, pool: str) -> list[int]:
     return [worker.process.pid, *children]
 
 
-def run(worker: WorkerProcess, prefix: str, kinds: list[str]) -> Counter[tuple[str, str]]:
-    """Send one run per kind; wait for every stored result; (kind, outcome) counts."""
+def send(worker: WorkerProcess, prefix: str, kinds: list[str]) -> list[tuple[str, Any]]:
+    """One run per kind; (kind, result) of those that store a result (``Ignore`` does not:
+    its committed row is counted instead)."""
     sent = []
     with soak_app.app.producer_or_acquire() as producer:
         for i, kind in enumerate(kinds):
@@ -145,8 +142,14 @@ def run(worker: WorkerProcess, prefix: str, kinds: list[str]) -> Counter[tuple[s
             result = soak_app.soak.apply_async(
                 (f"{prefix}:{kind}:{i}", kind), queue=worker.queue, producer=producer, **limits
             )
-            if kind != "ignore":  # Ignore stores no result; its committed row is counted
+            if kind != "ignore":
                 sent.append((kind, result))
+    return sent
+
+
+def run(worker: WorkerProcess, prefix: str, kinds: list[str]) -> Counter[tuple[str, str]]:
+    """Send one run per kind; wait for every stored result; (kind, outcome) counts."""
+    sent = send(worker, prefix, kinds)
     values = ResultSet([r for _, r in sent]).join_native(timeout=1800, propagate=False)
     return Counter(
         (kind, value if isinstance(value, str) else type(value).__name__)
