@@ -13,10 +13,12 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Task, signals
 from celery._state import _task_stack
 from celery.exceptions import Retry
+from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import _bridge
 from ._call import in_worker
+from ._on_commit import on_commit
 from ._runtime import Runtime, get_runtime
 from ._session import Run, current_run, runs
 
@@ -127,6 +129,25 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         result: Retry = super().retry(*args, **kwargs)
         return result
 
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """``delay()``, published when the current run's session commits (``on_commit``).
+
+        Celery's name for it on Django; this one returns the result to come.
+
+        Raises:
+            RuntimeError: outside a task run; use ``on_commit(sig, session=...)`` there.
+        """
+        return on_commit(self.s(*args, **kwargs))
+
+    def apply_async_on_commit(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """``apply_async()``, published when the current run's session commits."""
+        return on_commit(self.signature(args, kwargs, **options))
+
     def update_state(self, *args: Any, **kwargs: Any) -> None:
         """Celery's ``Task.update_state``; from the body, run by the worker's thread."""
         in_worker(super().update_state, *args, **kwargs)
@@ -207,7 +228,9 @@ async def _invoke(
             )
         session = run.opened_session
         if autocommit and session is not None:  # an unused session has nothing to commit
-            await session.commit()
+            # Driven like the body, so that a publish the commit triggers (on_commit) can
+            # be handed to the worker's thread (docs/on-commit.md#where-it-publishes).
+            await _bridge.drive(session.commit())
         return result
     finally:
         current_run.reset(token)
