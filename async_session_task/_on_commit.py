@@ -55,9 +55,7 @@ _Queued = tuple[Signature, str]
 
 #: Calls waiting for their transaction, keyed by the transaction (gone with it if it is
 #: dropped without an end event, e.g. a session garbage collected mid-transaction).
-_queues: weakref.WeakKeyDictionary[SessionTransaction, list[_Queued]] = (
-    weakref.WeakKeyDictionary()
-)
+_queues: weakref.WeakKeyDictionary[SessionTransaction, list[_Queued]] = weakref.WeakKeyDictionary()
 #: Sessions whose events are listened to: only those that ever queued a call, so a session
 #: that queues nothing runs none of this code.
 _listening: weakref.WeakSet[Session] = weakref.WeakSet()
@@ -66,7 +64,9 @@ _failures = 0
 _failures_lock = threading.Lock()
 
 
-def on_commit(signature: Signature, *, session: AsyncSession | Session | None = None) -> AsyncResult:
+def on_commit(
+    signature: Signature, *, session: AsyncSession | Session | None = None
+) -> AsyncResult:
     """Publish ``signature`` once ``session``'s outermost transaction commits.
 
     ``signature`` is any Celery signature: ``task.s(...)``, ``task.si(...)``, a chain, a

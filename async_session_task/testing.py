@@ -266,8 +266,8 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
     ``join_transaction_mode="create_savepoint"``: its ``commit()`` releases a savepoint, a
     rollback or close returns to the savepoint, and at exit the whole transaction is rolled
     back. What those commits queue with ``on_commit`` is held in ``scope.on_commit``
-    (:class:`QueuedCalls`), never published. Runs in worker processes are not affected. Runs must not overlap (they share one
-    connection), which eager runs in a test do not.
+    (:class:`QueuedCalls`), never published. Runs in worker processes are not affected.
+    Runs must not overlap (they share one connection), which eager runs in a test do not.
 
     ``tasks`` (default: every ``AsyncSessionTask`` of ``app``) picks the tasks; with the
     default, a task without a usable database setting is left alone (its runs fail as usual).
@@ -298,7 +298,8 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
                 scope.connections[engine] = transactions[engine].connection
             options = {**maker.kw, "bind": scope.connections[engine]}
             # Their commits only release savepoints: what they queue is held, not published.
-            options["info"] = {**(options.get("info") or {}), _on_commit.CAPTURE: scope.on_commit}
+            info = {**(options.get("info") or {}), _on_commit.CAPTURE: scope.on_commit}
+            options["info"] = info
             scope.makers[cls] = async_sessionmaker(
                 class_=maker.class_, **options, join_transaction_mode="create_savepoint"
             )

@@ -235,7 +235,7 @@ def test_a_slow_publish_does_not_block_the_loop_in_a_web_app(
 
         ticker = asyncio.create_task(tick())
         session.add(Note(key=k, text="web"))
-        on_commit(tasks.app.signature(tasks.SLOW, args=(k, "slow"), queue=hold_queue), session=session)
+        on_commit(tasks.hold(k, "slow", tasks.SLOW).set(queue=hold_queue), session=session)
         await asyncio.sleep(0.02)
         before = ticks
         await session.commit()
@@ -373,9 +373,7 @@ def eager_app(database_url: str, hold_queue: str) -> Iterator[Celery]:
     app.close()
 
 
-def test_rolled_back_sessions_hold_what_they_queue(
-    eager_app: Celery, hold_queue: str
-) -> None:
+def test_rolled_back_sessions_hold_what_they_queue(eager_app: Celery, hold_queue: str) -> None:
     """9: in rollback_sessions nothing is published; scope.on_commit holds what the commits
     queued (not what a rollback discarded), and release() runs it in the scope."""
 

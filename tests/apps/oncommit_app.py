@@ -16,6 +16,7 @@ from celery import Celery, Task, chain, group, signals
 from celery.canvas import Signature
 from celery.exceptions import Ignore, Reject
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from async_session_task import AsyncSessionTask, on_commit
 from async_session_task._on_commit import publish_failures
@@ -88,7 +89,9 @@ async def failed_commit(self: AsyncSessionTask, key: str, how: str) -> str:
         await self.session.execute(insert, {"k": key})  # checked at COMMIT only
     else:
         pid = await self.session.scalar(text("select pg_backend_pid()"))
-        async with self.session.bind.connect() as other:
+        engine = self.session.bind
+        assert isinstance(engine, AsyncEngine)
+        async with engine.connect() as other:
             await other.execute(text("select pg_terminate_backend(:p)"), {"p": pid})
     try:
         await self.session.commit()
@@ -189,7 +192,5 @@ async def to_dead_broker(self: AsyncSessionTask, key: str) -> dict[str, Any]:
 @app.task(bind=True, base=AsyncSessionTask)
 async def find_note(self: AsyncSessionTask, key: str) -> bool:
     """Whether the note ``key`` is committed, as this run's own session sees it."""
-    count = await self.session.scalar(
-        select(func.count()).select_from(Note).where(Note.key == key)
-    )
+    count = await self.session.scalar(select(func.count()).select_from(Note).where(Note.key == key))
     return bool(count)
