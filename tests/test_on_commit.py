@@ -166,22 +166,36 @@ def test_discarded_transactions_publish_nothing(
     )
 
 
-def test_revoked_run_publishes_nothing(database_url: str, hold_queue: str) -> None:
-    """3: revoke(terminate=True) on gevent cancels the body at its await."""
-    k = key()
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_other_pools(database_url: str, hold_queue: str, pool: str) -> None:
+    """1, 3 and 5 where the body publishes in the loop's own thread (prefork: the loop runs
+    inline) or hands the publish to a greenlet (gevent); there, revoke(terminate=True)
+    cancels the body at its await, and nothing it queued is published."""
     with service_worker(
         database_url,
-        pool="gevent",
-        concurrency=4,
+        pool=pool,
+        concurrency=2 if pool == "prefork" else 4,
         module="tests.apps.oncommit_app",
         env={"AST_HOLD_QUEUE": hold_queue},
-    ) as gevent_worker:
-        result = gevent_worker.send(tasks.discarded, k, "revoke")
-        wait_for_state(result, "QUEUED")
-        result.revoke(terminate=True)
-        wait_for_state(result, "REVOKED")
-        gevent_worker.send(tasks.find_note, k).get(timeout=WAIT)  # its run has ended
-    assert labels(hold_queue, k) == []
+    ) as pool_worker:
+        k = key()
+        with holding(database_url, k):
+            result = pool_worker.send(tasks.in_order, k)
+            wait_for_state(result, "QUEUED")
+            assert held(hold_queue, k) == []
+        ids = result.get(timeout=WAIT)
+        assert [task_id for _, task_id in held(hold_queue, k)] == ids
+        auto = key()
+        pool_worker.send(tasks.autocommitted, auto).get(timeout=WAIT)
+        assert labels(hold_queue, auto) == ["auto"]
+        if pool == "gevent":
+            revoked = key()
+            result = pool_worker.send(tasks.discarded, revoked, "revoke")
+            wait_for_state(result, "QUEUED")
+            result.revoke(terminate=True)
+            wait_for_state(result, "REVOKED")
+            pool_worker.send(tasks.find_note, revoked).get(timeout=WAIT)  # it has ended
+            assert labels(hold_queue, revoked) == []
 
 
 def test_savepoints(worker: ServiceWorker, hold_queue: str, database_url: str) -> None:
