@@ -10,7 +10,8 @@ transaction. Four events of that session move them (SQLAlchemy, "Session Events"
 * ``after_commit`` of the outermost transaction: the queue leaves, in order.
 * ``after_transaction_end`` of a transaction whose queue is still there: it ended any other
   way (a rollback, ``close()``, which sends no ``after_rollback``, a failed COMMIT followed by
-  a rollback or close, an invalidated connection): the queue is dropped.
+  a rollback or close, an invalidated connection): the queue is dropped. Keyed by the
+  transaction object, a queue can never reach the session's next transaction anyway.
 
 Nothing may block the event loop in ``after_commit``, which runs inside SQLAlchemy's
 ``greenlet_spawn``: there the handler awaits the publish (SQLAlchemy's ``await_``, the way its
