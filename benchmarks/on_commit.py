@@ -1,10 +1,10 @@
 """What ``on_commit`` costs next to a plain ``apply_async``, in one process.
 
 ``python -m benchmarks.on_commit --calls 1000 --rounds 5`` prints JSON: wall microseconds per
-call, medians and spread over the rounds, the ways alternating within each round, and for
-the web ways the CPU time of the loop's thread per call (what the other requests of that
-loop wait for). Each call is one unit of work that ends with a commit and (but for the
-``commit_only`` ways) one message:
+call, medians and spread over the rounds, the ways alternating within each round; the CPU
+time of the process per call; and for the web ways the CPU time of the loop's thread per
+call (what the other requests of that loop wait for). Each call is one unit of work that
+ends with a commit and (but for the ``commit_only`` ways) one message:
 
 * web (an ``asyncio.run()`` loop, a new ``AsyncSession`` per call, as a request has):
   ``commit_only``; ``apply_async_then_commit`` (``sig.apply_async()`` on the loop, the
@@ -110,11 +110,14 @@ def main() -> None:
         way(50)
     samples: dict[str, list[float]] = {name: [] for name in WAYS}
     loop_cpu: dict[str, list[float]] = {}
+    process_cpu: dict[str, list[float]] = {name: [] for name in WAYS}
     for _ in range(options.rounds):
         for name, way in WAYS.items():
-            started = time.perf_counter()
+            started, process_started = time.perf_counter(), time.process_time()
             cpu = way(options.calls)
             samples[name].append((time.perf_counter() - started) / options.calls * 1e6)
+            process = time.process_time() - process_started
+            process_cpu[name].append(process / options.calls * 1e6)
             if cpu is not None:
                 loop_cpu.setdefault(name, []).append(cpu / options.calls * 1e6)
             with app.connection_for_write() as connection:
@@ -127,6 +130,8 @@ def main() -> None:
         }
         for name, values in samples.items()
     }
+    for name, values in process_cpu.items():
+        report[name]["cpu_median_us"] = round(statistics.median(values), 1)
     for name, values in loop_cpu.items():
         report[name]["loop_cpu_median_us"] = round(statistics.median(values), 1)
     web_plain = report["apply_async_then_commit"]["median_us"]
