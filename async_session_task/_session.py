@@ -104,7 +104,9 @@ class Run:
                     "its value; await it: 'return await ...'."
                 )
             if autocommit and self._session is not None:  # an unused session: nothing to do
-                await self._session.commit()
+                # Driven as the body is: what the commit publishes (on_commit) is handed to
+                # the worker (docs/on-commit.md#where-it-publishes).
+                await drive(self._session.commit())
             return result
         finally:
             current_run.reset(token)

@@ -15,10 +15,12 @@ from typing import Any, ClassVar
 from celery import Task
 from celery._state import _task_stack
 from celery.exceptions import Retry
+from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import _config
 from ._crossing import await_in_body, in_body
+from ._on_commit import on_commit
 from ._runtime import get_runtime
 from ._session import Run, current_run, factories, in_worker, runs
 
@@ -133,6 +135,25 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                 raise _DeferredRetry(args, kwargs)
         result: Retry = super().retry(*args, **kwargs)
         return result
+
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """``delay()``, published when the current run's session commits (``on_commit``).
+
+        Celery's name for it on Django; this one returns the result to come.
+
+        Raises:
+            RuntimeError: outside a task run; use ``on_commit(sig, session=...)`` there.
+        """
+        return on_commit(self.s(*args, **kwargs))
+
+    def apply_async_on_commit(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """``apply_async()``, published when the current run's session commits."""
+        return on_commit(self.signature(args, kwargs, **options))
 
     def update_state(self, *args: Any, **kwargs: Any) -> None:
         """Celery's ``Task.update_state``; from the body, run by the worker's thread."""

@@ -24,14 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from celery.canvas import Signature
 from celery.exceptions import ImproperlyConfigured
+from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
+from . import _on_commit
 from ._runtime import get_runtime
 from ._session import factories
 from ._task import AsyncSessionTask
 
 __all__ = [
+    "QueuedCalls",
     "RollbackSessions",
     "WorkerProcess",
     "file_broker_settings",
@@ -172,6 +176,39 @@ def worker_process(
 
 
 @dataclass
+class QueuedCalls:
+    """What the commits of a ``rollback_sessions`` scope would have published (``on_commit``).
+
+    Those commits only release savepoints of a transaction that is rolled back, so nothing
+    is published: each commit appends its queued signatures here, in order. Calls queued in
+    a transaction that did not commit never appear.
+    """
+
+    #: The signatures, in the order they would have been published.
+    signatures: list[Signature] = field(default_factory=list)
+
+    def __call__(self, queued: list[tuple[Signature, str]]) -> None:
+        self.signatures.extend(signature for signature, _ in queued)
+
+    @property
+    def names(self) -> list[str]:
+        """The task name of each signature (``celery.chain``, ``celery.group`` for those)."""
+        return [str(signature["task"]) for signature in self.signatures]
+
+    def release(self, *, eager: bool = True) -> list[AsyncResult]:
+        """Take the signatures out and run them, in order; what they queue is held again.
+
+        ``eager=True`` (the default) runs each here (``signature.apply()``): tasks of the scope
+        then see what the body wrote, which a worker could not (it was never committed).
+        ``eager=False`` publishes them (``signature.apply_async()``).
+        """
+        signatures, self.signatures = self.signatures, []
+        if eager:
+            return [signature.apply() for signature in signatures]
+        return [signature.apply_async() for signature in signatures]
+
+
+@dataclass
 class RollbackSessions:
     """What ``rollback_sessions`` yields: the connections and the session factories."""
 
@@ -180,6 +217,8 @@ class RollbackSessions:
     connections: dict[AsyncEngine, AsyncConnection] = field(default_factory=dict)
     #: The session factory that runs of each task class use in this scope.
     makers: dict[type[Any], async_sessionmaker[Any]] = field(default_factory=dict)
+    #: What the scope's commits queued with ``on_commit``: held here, never published.
+    on_commit: QueuedCalls = field(default_factory=QueuedCalls)
 
     def maker(self, task: Any = None) -> async_sessionmaker[Any]:
         """The session factory of ``task`` (a task or task class); any, if there is one DB.
@@ -226,8 +265,9 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
     ``task_always_eager``, a direct call) then gets a session bound to that connection with
     ``join_transaction_mode="create_savepoint"``: its ``commit()`` releases a savepoint, a
     rollback or close returns to the savepoint, and at exit the whole transaction is rolled
-    back. Runs in worker processes are not affected. Runs must not overlap (they share one
-    connection), which eager runs in a test do not.
+    back. What those commits queue with ``on_commit`` is held in ``scope.on_commit``
+    (:class:`QueuedCalls`), never published. Runs in worker processes are not affected.
+    Runs must not overlap (they share one connection), which eager runs in a test do not.
 
     ``tasks`` (default: every ``AsyncSessionTask`` of ``app``) picks the tasks; with the
     default, a task without a usable database setting is left alone (its runs fail as usual).
@@ -257,6 +297,9 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
                 transactions[engine] = runtime.call(_begin(engine))
                 scope.connections[engine] = transactions[engine].connection
             options = {**maker.kw, "bind": scope.connections[engine]}
+            # Their commits only release savepoints: what they queue is held, not published.
+            info = {**(options.get("info") or {}), _on_commit.CAPTURE: scope.on_commit}
+            options["info"] = info
             scope.makers[cls] = async_sessionmaker(
                 class_=maker.class_, **options, join_transaction_mode="create_savepoint"
             )

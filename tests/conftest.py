@@ -129,45 +129,47 @@ class ServiceWorker:
 StartWorker = Callable[..., contextlib.AbstractContextManager[ServiceWorker]]
 
 
+@contextlib.contextmanager
+def service_worker(
+    database_url: str,
+    pool: str = "prefork",
+    concurrency: int = 2,
+    engine_options: dict[str, Any] | None = None,
+    module: str = "tests.apps.pg_app",
+    app: Any = None,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    broker: str = "redis",
+) -> Iterator[ServiceWorker]:
+    """A real worker on ``broker`` and the PostgreSQL database ``database_url``."""
+    if broker != "redis":
+        require("RabbitMQ", SERVICES_OPTIONAL["RabbitMQ"])
+        app = client_app(BROKERS[broker])
+    name = uuid.uuid4().hex[:12]
+    application_name = f"ast-{name}"
+    options = {
+        "connect_args": {"server_settings": {"application_name": application_name}},
+        **(engine_options or {}),
+    }
+    worker_env = {
+        "AST_BROKER_URL": BROKERS[broker],
+        "AST_DATABASE_URL": database_url,
+        "AST_ENGINE_OPTIONS": json.dumps(options),
+        **(env or {}),
+    }
+    with worker_process(
+        app or pg_app.app,
+        module,
+        pool=pool,
+        concurrency=concurrency,
+        env=worker_env,
+        args=args,
+        name=name,
+    ) as worker:
+        yield ServiceWorker(worker, application_name, database_url)
+
+
 @pytest.fixture
 def start_worker(database_url: str) -> StartWorker:
     """``with start_worker(pool="threads", concurrency=8) as w: w.send(task, ...)``."""
-
-    @contextlib.contextmanager
-    def start(
-        pool: str = "prefork",
-        concurrency: int = 2,
-        engine_options: dict[str, Any] | None = None,
-        module: str = "tests.apps.pg_app",
-        app: Any = None,
-        env: dict[str, str] | None = None,
-        args: tuple[str, ...] = (),
-        broker: str = "redis",
-    ) -> Iterator[ServiceWorker]:
-        if broker != "redis":
-            require("RabbitMQ", SERVICES_OPTIONAL["RabbitMQ"])
-            app = client_app(BROKERS[broker])
-        name = uuid.uuid4().hex[:12]
-        application_name = f"ast-{name}"
-        options = {
-            "connect_args": {"server_settings": {"application_name": application_name}},
-            **(engine_options or {}),
-        }
-        worker_env = {
-            "AST_BROKER_URL": BROKERS[broker],
-            "AST_DATABASE_URL": database_url,
-            "AST_ENGINE_OPTIONS": json.dumps(options),
-            **(env or {}),
-        }
-        with worker_process(
-            app or pg_app.app,
-            module,
-            pool=pool,
-            concurrency=concurrency,
-            env=worker_env,
-            args=args,
-            name=name,
-        ) as worker:
-            yield ServiceWorker(worker, application_name, database_url)
-
-    return start
+    return functools.partial(service_worker, database_url)

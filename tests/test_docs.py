@@ -36,6 +36,7 @@ EXECUTED = {
     "docs/examples/faq_different_loop.py",
     "docs/examples/testing/conftest.py",
     "docs/examples/testing/test_orders.py",
+    "docs/examples/on_commit_testing.py",
     "examples/demo.py",
     "examples/settings.py",
     "examples/shop/db.py",
@@ -47,6 +48,10 @@ EXECUTED = {
     "examples/retrying.py",
     "examples/time_limits.py",
     "examples/fanout.py",
+    "examples/fastapi_orders/db.py",
+    "examples/fastapi_orders/models.py",
+    "examples/fastapi_orders/tasks.py",
+    "examples/fastapi_orders/web.py",
 }
 
 
@@ -160,6 +165,17 @@ def test_current_session_and_migrations(tmp_path: Path, monkeypatch: pytest.Monk
 
     assert email_known.apply(args=("ada@example.com",)).get() is True
     assert email_known.apply(args=("bob@example.com",)).get() is False
+
+
+def test_on_commit_testing(tmp_path: Path) -> None:
+    """The test on the Publishing after commit page, on SQLite."""
+    from docs.examples import on_commit_testing
+
+    url, sync_url = sqlite(tmp_path, "billing")
+    on_commit_testing.app.conf.update(async_session_url=url, broker_url="memory://")
+    create_tables(sync_url, on_commit_testing.Base.metadata)
+    on_commit_testing.test_issuing_queues_the_sending()
+    assert rows(sync_url, "select count(*) from invoices") == [(0,)]  # rolled back
 
 
 @pytest.mark.timeout(120)

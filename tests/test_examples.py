@@ -7,9 +7,11 @@ process talks to their workers through a client app with the same broker and res
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from celery import Celery
@@ -221,9 +224,61 @@ def test_fanout_chord_gathers_every_result(variant: Variant) -> None:
     assert rows == [(50, expected)]
 
 
+@contextlib.contextmanager
+def serve(variant: Variant, worker: WorkerProcess, target: str) -> Iterator[str]:
+    """``uvicorn target`` on a free port, next to the worker; yields its base URL."""
+    env = {**os.environ, **variant.env, "EXAMPLES_QUEUE": worker.queue, "PYTHONPATH": pythonpath()}
+    log = Path(worker.log_path.parent, "uvicorn.log")
+    with log.open("wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", target, "--port", "0", "--no-access-log"],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + WAIT
+        while not (started := re.search(r"Uvicorn running on (http://\S+)", log.read_text())):
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield started.group(1)
+    finally:
+        server.terminate()
+        server.wait(WAIT)
+
+
+async def post_orders(base_url: str, count: int) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=WAIT) as client:
+        responses = await asyncio.gather(
+            *(client.post("/orders", json={"item": f"item-{i}"}) for i in range(count))
+        )
+    for response in responses:
+        assert response.status_code == 201, response.text
+    return [response.json() for response in responses]
+
+
+def test_fastapi_orders_worker_finds_every_order(variant: Variant) -> None:
+    """Over HTTP, uvicorn serving the app: 20 orders posted at once, each handler queueing its
+    task with on_commit; the worker finds every order (get_one() raises otherwise)."""
+    with (
+        variant.worker("examples.fastapi_orders.tasks") as worker,
+        serve(variant, worker, "examples.fastapi_orders.web:app") as base_url,
+    ):
+        orders = asyncio.run(post_orders(base_url, 20))
+        statuses = [
+            variant.client.AsyncResult(order["task_id"]).get(timeout=WAIT) for order in orders
+        ]
+        assert statuses == ["processed"] * 20
+        assert [order["status"] for order in orders] == ["received"] * 20
+        read = httpx.get(f"{base_url}/orders/{orders[0]['id']}", timeout=WAIT).json()
+        assert read["status"] == "processed"
+
+
 def test_no_examples_left_untested() -> None:
     """Each module in examples/ has a test here (or in test_demo.py)."""
-    tested = {"demo", "settings", "shop", "retrying", "time_limits", "fanout"}
+    tested = {"demo", "settings", "shop", "retrying", "time_limits", "fanout", "fastapi_orders"}
     found = {p.stem for p in (ROOT / "examples").iterdir() if p.stem != "__init__"}
     found.discard("__pycache__")
     assert found <= tested, found - tested

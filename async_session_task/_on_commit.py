@@ -1,0 +1,197 @@
+"""Publish task messages when a session's outermost transaction commits (``on_commit``).
+
+Queues are kept per SQLAlchemy ``SessionTransaction`` (of ``session.sync_session``), at the
+transaction boundary where the call was made: the innermost SAVEPOINT, or the outermost
+transaction. Four events of that session move them (SQLAlchemy, "Session Events"):
+
+* ``after_commit`` with a SAVEPOINT still the innermost transaction: it was released; its
+  calls join the enclosing transaction's queue, in order. ``after_commit`` also fires for a
+  released SAVEPOINT, and is not a sign that anything reached the database.
+* ``after_commit`` of the outermost transaction: the queue leaves, in order.
+* ``after_transaction_end`` of a transaction whose queue is still there: it ended any other
+  way (a rollback, ``close()``, which sends no ``after_rollback``, a failed COMMIT followed by
+  a rollback or close, an invalidated connection): the queue is dropped. Keyed by the
+  transaction object, a queue can never reach the session's next transaction anyway.
+
+Nothing may block the event loop in ``after_commit``, which runs inside SQLAlchemy's
+``greenlet_spawn``: there the handler awaits the publish (SQLAlchemy's ``await_``, the way its
+asyncio dialects await the driver), so ``await session.commit()`` returns once the messages
+have been handed to the broker, while the loop keeps running. In a task body the publish runs
+in the worker's thread or greenlet (``in_worker``, where ``delay()`` from a body publishes);
+elsewhere (a web app) in one publisher thread of this process, so publishes from concurrent
+requests never share Celery's client objects between threads (celery/celery#4670).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from celery.canvas import Signature
+from celery.result import AsyncResult
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.util import concurrency
+
+from ._session import current_run, current_session, in_worker
+
+logger = logging.getLogger("async_session_task")
+
+#: ``await_`` since SQLAlchemy 2.1; ``await_only`` before (same function).
+_await: Callable[[Any], Any] = getattr(concurrency, "await_", None) or concurrency.await_only
+
+#: ``Session.info`` key of a sink that takes the signatures a commit would publish, instead
+#: of publishing them (the sessions of ``testing.rollback_sessions``, which never commit).
+CAPTURE = "async_session_task.on_commit"
+
+_Queued = tuple[Signature, str]
+
+#: Calls waiting for their transaction, keyed by the transaction (gone with it if it is
+#: dropped without an end event, e.g. a session garbage collected mid-transaction).
+_queues: weakref.WeakKeyDictionary[SessionTransaction, list[_Queued]] = weakref.WeakKeyDictionary()
+#: Sessions whose events are listened to: only those that ever queued a call, so a session
+#: that queues nothing runs none of this code.
+_listening: weakref.WeakSet[Session] = weakref.WeakSet()
+
+_failures = 0
+_failures_lock = threading.Lock()
+
+
+def on_commit(
+    signature: Signature, *, session: AsyncSession | Session | None = None
+) -> AsyncResult:
+    """Publish ``signature`` once ``session``'s outermost transaction commits.
+
+    ``signature`` is any Celery signature: ``task.s(...)``, ``task.si(...)``, a chain, a
+    group. It is published after the COMMIT succeeded, in the order of the calls, and never if
+    the transaction ends any other way (rollback, ``close()``, an exception that ends the run).
+    A call made inside a SAVEPOINT (``begin_nested()``) joins the enclosing transaction when
+    the SAVEPOINT is released, and is dropped if the SAVEPOINT is rolled back. Like
+    ``session.add()``, it begins the session's transaction if none is in progress.
+
+    Between the COMMIT and the publish there is a window: a publish that fails after the
+    broker's retry policy is logged and counted, not raised (see ``docs/on-commit.md``).
+
+    Args:
+        signature: what to publish.
+        session: an ``AsyncSession`` (or a ``Session``); default: the current run's
+            session (:func:`~async_session_task.current_session`).
+
+    Returns:
+        The result of the message to come: ``signature.freeze()``, so its id can be stored
+        in the same transaction.
+
+    Raises:
+        RuntimeError: no ``session`` was given outside a task run.
+        sqlalchemy.exc.InvalidRequestError: the session has ``autobegin=False`` and no
+            transaction in progress.
+    """
+    if session is None:
+        if current_run.get() is None:
+            raise RuntimeError(
+                "on_commit() was called outside a task run without a session: pass the "
+                "session whose commit should publish it, on_commit(sig, session=session)."
+            )
+        session = current_session()
+    sync = session.sync_session if isinstance(session, AsyncSession) else session
+    if sync not in _listening:
+        event.listen(sync, "after_commit", _after_commit)
+        event.listen(sync, "after_transaction_end", _after_transaction_end)
+        _listening.add(sync)
+    # The innermost SAVEPOINT, or the outermost transaction; begun here if none is, as
+    # Session.add() begins it (SQLAlchemy, "Autobegin"): a rollback or close() then drops
+    # the call, where a call parked outside any transaction would outlive both.
+    boundary = sync.get_nested_transaction() or sync._autobegin_t()
+    while not boundary.nested and boundary.parent is not None:  # a flush's subtransaction
+        boundary = boundary.parent
+    result: AsyncResult = signature.freeze()
+    _queues.setdefault(boundary, []).append((signature, result.id))
+    return result
+
+
+def publish_failures() -> int:
+    """Messages of committed transactions this process could not publish, since it started."""
+    return _failures
+
+
+def _after_commit(session: Session) -> None:
+    nested = session.get_nested_transaction()
+    if nested is not None:  # a SAVEPOINT was released: its calls join the enclosing one
+        queued = _queues.pop(nested, None)
+        if queued:
+            enclosing = nested.parent
+            assert enclosing is not None, "a SAVEPOINT always has an enclosing transaction"
+            while not enclosing.nested and enclosing.parent is not None:
+                enclosing = enclosing.parent
+            _queues.setdefault(enclosing, []).extend(queued)
+        return
+    root = session.get_transaction()
+    queued = _queues.pop(root, None) if root is not None else None
+    if not queued:
+        return
+    sink = session.info.get(CAPTURE)
+    if sink is not None:
+        sink(queued)
+    elif concurrency.in_greenlet():
+        _await(_hand_off(queued))
+    else:  # a sync Session in sync code: blocking here is what its caller expects
+        _publish(queued)
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    # Still queued at the end: this transaction was not committed (after_commit took the
+    # queue of one that was).
+    _queues.pop(transaction, None)
+
+
+async def _hand_off(queued: list[_Queued]) -> None:
+    """Publish ``queued`` off the loop and wait for it (cooperatively)."""
+    if current_run.get() is not None:
+        # A task body: in the worker's thread or greenlet, where its broker connection lives.
+        in_worker(_publish, queued)
+    else:
+        future = _publisher().submit(_publish, queued)
+        await asyncio.wrap_future(future)
+
+
+def _publish(queued: list[_Queued]) -> None:
+    """Publish each message, in order; a failure is logged and counted, never raised: the
+    transaction is committed, and the caller must not take it for a failed commit."""
+    global _failures
+    for signature, task_id in queued:
+        try:
+            signature.apply_async()
+        except Exception:
+            with _failures_lock:
+                _failures += 1
+            logger.exception(
+                "on_commit: %s[%s] was committed but could not be published",
+                signature.get("task") or type(signature).__name__,
+                task_id,
+            )
+
+
+_executor: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_executor_lock = threading.Lock()
+
+
+def _publisher() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's publisher thread (a forked child starts its own)."""
+    global _executor
+    current = _executor
+    if current is None or current[0] != os.getpid():
+        with _executor_lock:
+            current = _executor
+            if current is None or current[0] != os.getpid():
+                executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="async_session_task-publish"
+                )
+                current = _executor = (os.getpid(), executor)
+    return current[1]
