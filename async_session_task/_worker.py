@@ -20,6 +20,7 @@ from celery.worker.control import inspect_command
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _config, _runtime
+from ._on_commit import publish_failures
 from ._session import factories, runs, task_factory
 from ._task import AsyncSessionTask
 
@@ -114,7 +115,8 @@ def shutdown(**_: Any) -> None:
 
 @inspect_command()  # type: ignore[untyped-decorator]  # celery is untyped
 def async_session_stats(state: Any, **_: Any) -> dict[str, Any]:
-    """Pid, whether an event loop runs, live sessions and engines of this process.
+    """Pid, whether an event loop runs, live sessions and engines of this process, and the
+    messages of committed transactions it could not publish (``on_commit``).
 
     In a prefork worker the main process never starts a loop; each child has its own, and
     reports leaked sessions in its log when it exits.
@@ -124,6 +126,7 @@ def async_session_stats(state: Any, **_: Any) -> dict[str, Any]:
         "loop_running": _runtime.current() is not None,
         "sessions": len(runs),
         "engines": factories.engine_count(),
+        "publish_failures": publish_failures(),
     }
 
 

@@ -32,6 +32,7 @@ from tests.apps import oncommit_app as tasks
 from tests.apps.models import Note
 from tests.apps.pg_app import count_notes
 from tests.conftest import BROKERS, ServiceWorker, client_app, pg_query, service_worker
+from tests.test_worker import runtime_stats
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
 
@@ -318,6 +319,8 @@ def test_broker_down_in_a_body(worker: ServiceWorker) -> None:
     line = next(line for line in worker.worker.log.splitlines() if report["id"] in line)
     assert "ERROR" in line
     assert tasks.DEAD in line
+    # One process (threads pool): the inspect command reports its count.
+    assert runtime_stats(worker.worker.app, worker)["publish_failures"] == report["after"]
 
 
 def test_outside_a_run_a_session_is_required() -> None:
