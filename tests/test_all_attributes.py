@@ -33,5 +33,6 @@ def test_the_package_names() -> None:
     assert sorted(async_session_task.__all__) == [
         "AsyncSessionTask",
         "current_session",
+        "on_commit",
         "pgbouncer_engine_options",
     ]
