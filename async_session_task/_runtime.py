@@ -55,8 +55,11 @@ class Hooks:
     lost: list[Callable[[], None]] = field(default_factory=list)
 
     async def stop(self) -> None:
-        for hook in self.stopping:
-            await hook()
+        for hook in self.stopping:  # each runs, whatever the one before did
+            try:
+                await hook()
+            except Exception:
+                logger.exception("Stopping the event loop: %r failed", hook)
 
 
 hooks = Hooks()
