@@ -1,8 +1,9 @@
 """Celery tasks with ``async def`` bodies and one SQLAlchemy ``AsyncSession`` per run."""
 
 from . import _worker  # noqa: F401  # connects the package's signals and inspect command
+from ._lifespan import lifespan_state
 from ._session import current_session
 from ._task import AsyncSessionTask
 
-__all__ = ["AsyncSessionTask", "current_session"]
+__all__ = ["AsyncSessionTask", "current_session", "lifespan_state"]
 __version__ = "0.1.0"
