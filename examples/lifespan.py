@@ -69,7 +69,7 @@ async def fetch(path: str) -> int:
     cached = await state["cache"].get(f"examples-lifespan:{path}")
     if cached is not None:
         return int(cached)
-    response = await state["http"].get(path)
+    response: httpx.Response = await state["http"].get(path)
     await state["cache"].set(f"examples-lifespan:{path}", response.status_code, ex=60)
     return response.status_code
 

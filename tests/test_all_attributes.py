@@ -26,3 +26,22 @@ def test_all_names_the_public_objects(module: types.ModuleType) -> None:
         and getattr(value, "__module__", None) in own
     }
     assert sorted(module.__all__) == sorted(public)
+
+
+def test_signals_all_names_the_signals() -> None:
+    """``async_session_task.signals`` defines signals only (instances of Celery's Signal)."""
+    from celery.utils.dispatch import Signal
+
+    import async_session_task.signals
+
+    signals = {
+        name
+        for name, value in vars(async_session_task.signals).items()
+        if isinstance(value, Signal)
+    }
+    assert sorted(async_session_task.signals.__all__) == sorted(signals) == ["engine_created"]
+
+
+def test_lifespan_state_is_public() -> None:
+    assert "lifespan_state" in async_session_task.__all__
+    assert "override_lifespan_state" in async_session_task.testing.__all__

@@ -120,9 +120,7 @@ def test_lifespan_and_traces_on_a_real_worker(
         main_pid = worker.process.pid
         keys = [uuid.uuid4().hex for _ in range(count)]
         # The server holds each request 0.3 s: the runs of one process overlap on its loop.
-        results = [
-            worker.send("tests.apps.lifespan_app.shared", k, 0.3, HTTP[pool]) for k in keys
-        ]
+        results = [worker.send("tests.apps.lifespan_app.shared", k, 0.3, HTTP[pool]) for k in keys]
         reports = [r.get(timeout=WAIT) for r in results]
         key = uuid.uuid4().hex
         outer = worker.send("tests.apps.lifespan_app.outer", key, HTTP[pool]).get(timeout=WAIT)
@@ -166,9 +164,14 @@ def test_lifespan_and_traces_on_a_real_worker(
     assert all(n >= 1 for n in pooled), pooled
     assert [line for line in log.splitlines() if any(p in line for p in PROBLEMS)] == []
 
+    spans = spans_of(spans_file)
+    print(  # shown with -rP: what this pool's worker did
+        f"{pool}: processes {len(run_pids)}, runs {len(reports) + 3}, "
+        f"HTTP requests {http_server.requests} on {len(http_server.connections)} connections, "
+        f"at most {http_server.most_in_flight} at once; spans {len(spans)}"
+    )
     # Traces: each run's SQL spans are children of that run's Celery span, and carry its
     # trace id (never another overlapping run's).
-    spans = spans_of(spans_file)
     for result, report, k in zip(results, reports, keys, strict=True):
         run = run_span(spans, result.id)
         assert report["trace"] == {"trace_id": run["trace_id"], "span_id": run["span_id"]}
