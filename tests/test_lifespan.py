@@ -134,7 +134,7 @@ def test_lifespan_and_traces_on_a_real_worker(
 
     # 1. Entered once per process, on that process's loop, never in the prefork parent.
     entered = pids_in(log, "lifespan entered in")
-    run_pids = {report["pid"] for report in [*reports, child]}
+    run_pids = {report["pid"] for report in [*reports, outer, child]}
     assert sorted(entered) == sorted(set(entered)), "entered twice in one process"
     assert set(entered) == run_pids
     assert main_pid not in entered or pool != "prefork"

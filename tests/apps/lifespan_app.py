@@ -174,4 +174,4 @@ async def outer(self: AsyncSessionTask, key: str, http: bool = True) -> dict[str
     await self.session.scalar(text(f"select 'outer-after-{key}'"))
     queue = self.request.delivery_info["routing_key"]
     child = shared.apply_async((f"child-{key}", 0.0, http), queue=queue)
-    return {"nested": nested, "child": child.id, "trace": current_trace()}
+    return {"nested": nested, "child": child.id, "trace": current_trace(), "pid": os.getpid()}
