@@ -72,6 +72,10 @@ def lines_with(log: str, text: str) -> list[str]:
     return [line for line in log.splitlines() if text in line]
 
 
+def problems(log: str) -> list[str]:
+    return [line for line in log.splitlines() if any(p in line for p in PROBLEMS)]
+
+
 def pids_in(log: str, text: str) -> list[int]:
     """The pids of lines ``... <text> <pid>...`` (as the app's lifespan logs them)."""
     return [int(line.split(text, 1)[1].split()[0]) for line in lines_with(log, text)]
@@ -85,9 +89,10 @@ POOLS = {
     "gevent": (50, 100, "control"),
     "eventlet": (10, 20, "sigterm"),
 }
-#: httpx resolves every host through the loop's default executor (anyio's getaddrinfo),
-#: whose threads eventlet turns into green threads of the loop's thread: bodies then hang
-#: (docs/lifespan.md#eventlet). On eventlet the runs share the Redis client only.
+#: eventlet patches select and threading: httpx (through httpcore and anyio) then calls a
+#: green select() and starts green executor threads on the loop's thread, and eventlet's hub
+#: takes over the greenlets the bodies are stepped from (docs/lifespan.md#eventlet). On
+#: eventlet the runs share the Redis client only.
 HTTP = {pool: pool != "eventlet" for pool in POOLS}
 
 
@@ -162,7 +167,7 @@ def test_lifespan_and_traces_on_a_real_worker(
     assert sorted(exited) == sorted(entered), log[-3000:]
     pooled = [int(line.split(" with ")[1].split()[0]) for line in lines_with(log, "exiting in")]
     assert all(n >= 1 for n in pooled), pooled
-    assert [line for line in log.splitlines() if any(p in line for p in PROBLEMS)] == []
+    assert problems(log) == []
 
     spans = spans_of(spans_file)
     print(  # shown with -rP: what this pool's worker did
@@ -237,7 +242,7 @@ def test_a_failing_lifespan_fails_every_run_without_a_crash_loop(
     assert "ERROR" in error
     assert "tests.apps.lifespan_app:failing_lifespan" in error
     assert "ConnectionError: the cache is not reachable" in error
-    assert [line for line in log.splitlines() if any(p in line for p in PROBLEMS)] == []
+    assert problems(log) == []
 
 
 def test_eager_runs_enter_the_lifespan_once_and_exit_it_with_the_process(
@@ -277,4 +282,68 @@ def test_eager_runs_enter_the_lifespan_once_and_exit_it_with_the_process(
     assert len(lines_with(output, "lifespan entered in")) == 1
     (exiting,) = lines_with(output, "lifespan exiting in")
     assert int(exiting.split(" with ")[1].split()[0]) >= 1
-    assert [line for line in output.splitlines() if any(p in line for p in PROBLEMS)] == []
+    assert problems(output) == []
+
+
+def test_autoscale_shrink_exits_the_lifespan_of_the_child_it_stops(
+    start_worker: StartWorker, http_server: HTTPServer
+) -> None:
+    """Semantics 2, autoscale: the child the autoscaler stops exits its lifespan on its loop
+    (before the worker stops), as every other child does at shutdown."""
+    env = {
+        "AST_HTTP_URL": http_server.url,
+        "AST_REDIS_URL": BROKERS["redis"],
+        "AUTOSCALE_KEEPALIVE": "1",  # seconds idle before the autoscaler shrinks the pool
+        "PYTHONWARNINGS": "always::ResourceWarning",
+    }
+    with start_worker(
+        pool="prefork",
+        concurrency=2,
+        module="tests.apps.lifespan_app",
+        env=env,
+        args=("--autoscale=2,1",),
+    ) as service:
+        worker = service.worker
+        # Runs that hold the server 1 s make the autoscaler start a second child.
+        results = [
+            worker.send("tests.apps.lifespan_app.shared", uuid.uuid4().hex, 1.0) for _ in range(6)
+        ]
+        pids = {result.get(timeout=WAIT)["pid"] for result in results}
+        wait_for(lambda: "Scaling down" in worker.log, "the autoscaler to shrink the pool")
+        wait_for(lambda: pids_in(worker.log, "lifespan exiting in"), "the stopped child's exit")
+        (shrunk,) = pids_in(worker.log, "lifespan exiting in")
+        assert worker.stop() == 0
+        log = worker.log
+    assert len(pids) == 2
+    assert shrunk in pids
+    assert sorted(pids_in(log, "lifespan exiting in")) == sorted(
+        pids_in(log, "lifespan entered in")
+    )
+    assert problems(log) == []
+
+
+def test_an_exit_that_hangs_is_cancelled_after_its_grace_period(database_url: str) -> None:
+    """Semantics 2, bounded: a lifespan whose exit never ends is cancelled (its finally
+    runs) and the process still ends, with a warning naming it."""
+    code = "from tests.apps import lifespan_app\nprint(lifespan_app.state_keys.apply().get())\n"
+    env = {
+        **os.environ,
+        "AST_DATABASE_URL": database_url,
+        "AST_LIFESPAN": "stuck_lifespan",
+        "PYTHONPATH": str(ROOT),
+    }
+    process = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert process.stdout.strip() == "['pid']"
+    (warning,) = lines_with(process.stderr, "did not exit within")
+    assert "tests.apps.lifespan_app:stuck_lifespan" in warning
+    assert len(lines_with(process.stderr, "stuck lifespan cancelled in")) == 1
+    assert problems(process.stderr) == []

@@ -85,6 +85,16 @@ async def failing_lifespan(app: Celery) -> AsyncIterator[dict[str, Any]]:
         yield {}
 
 
+@contextlib.asynccontextmanager
+async def stuck_lifespan(app: Celery) -> AsyncIterator[dict[str, Any]]:
+    """Its exit never ends on its own: the library cancels it after its grace period."""
+    yield {"pid": os.getpid()}
+    try:
+        await asyncio.Event().wait()
+    finally:
+        logger.warning("stuck lifespan cancelled in %d", os.getpid())
+
+
 @engine_created.connect
 def on_engine_created(engine: AsyncEngine, **_: Any) -> None:
     engines.append(engine)
@@ -158,6 +168,11 @@ async def shared(
         "selected": selected,
         "trace": current_trace(),
     }
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def state_keys(self: AsyncSessionTask) -> list[str]:
+    return sorted(self.lifespan_state)
 
 
 @app.task(bind=True, base=AsyncSessionTask)
