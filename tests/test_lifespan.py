@@ -347,3 +347,31 @@ def test_an_exit_that_hangs_is_cancelled_after_its_grace_period(database_url: st
     assert "tests.apps.lifespan_app:stuck_lifespan" in warning
     assert len(lines_with(process.stderr, "stuck lifespan cancelled in")) == 1
     assert problems(process.stderr) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("tests.apps.nowhere:lifespan", "does not resolve (ModuleNotFoundError"),
+        (42, "must be a callable that takes the Celery app"),
+    ],
+)
+def test_a_lifespan_setting_that_cannot_work_fails_the_run(
+    tmp_path: Path, setting: Any, message: str
+) -> None:
+    """The setting is checked at the first run (and at worker start, by the same code)."""
+    from celery import Celery
+    from celery.exceptions import ImproperlyConfigured
+
+    from async_session_task import AsyncSessionTask
+
+    app = Celery("misconfigured-lifespan", set_as_current=False)
+    app.conf.async_session_url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+
+    @app.task(base=AsyncSessionTask, async_session_lifespan=setting)
+    async def uses_lifespan() -> None:
+        pass
+
+    with pytest.raises(ImproperlyConfigured, match=r"async_session_lifespan .*") as failed:
+        uses_lifespan.apply(throw=True)
+    assert message in str(failed.value)
