@@ -1,10 +1,17 @@
 """Celery tasks with ``async def`` bodies and one SQLAlchemy ``AsyncSession`` per run."""
 
 from . import _worker  # noqa: F401  # connects the package's signals and inspect command
+from ._lifespan import lifespan_state
 from ._on_commit import on_commit
 from ._pgbouncer import pgbouncer_engine_options
 from ._session import current_session
 from ._task import AsyncSessionTask
 
-__all__ = ["AsyncSessionTask", "current_session", "on_commit", "pgbouncer_engine_options"]
+__all__ = [
+    "AsyncSessionTask",
+    "current_session",
+    "lifespan_state",
+    "on_commit",
+    "pgbouncer_engine_options",
+]
 __version__ = "0.1.0"

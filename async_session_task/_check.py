@@ -41,10 +41,6 @@ _SERVER_FACTS = text(
 )
 #: The statement-cache options that transaction pooling needs (docs/check.md#pgbouncer).
 _CACHE_OFF = {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
-# HOOK (lifespan): the reader of the ``async_session_lifespan`` setting, ``lifespan(app)`` ->
-# a callable taking the app and returning an async context manager, or None when unset.
-# Until the settings leaf has one, the lifespan row says "not configured".
-_read_lifespan: Callable[[Any], Any] | None = getattr(_config, "lifespan", None)
 
 
 @dataclass
@@ -144,16 +140,25 @@ async def probe_all(app: Any, targets: list[Target]) -> Row:
     """Probe every engine, then enter and exit the lifespan; the row of the lifespan."""
     for target in targets:
         await probe(target)
-    lifespan = _read_lifespan(app) if _read_lifespan is not None else None
-    if lifespan is None:
+    lifespans: dict[int, Callable[[Any], Any]] = {}
+    for task in app.tasks.values():
+        if isinstance(task, AsyncSessionTask):
+            try:
+                found = _config.lifespan_of(task)
+            except ImproperlyConfigured as exc:
+                return Row(ERROR, "lifespan", str(exc))
+            if found is not None:
+                lifespans[id(found)] = found
+    if not lifespans:
         return Row(SKIP, "lifespan", "not configured")
     started = time.perf_counter()
-    try:
-        async with asyncio.timeout(30), lifespan(app):
-            pass
-    except Exception as exc:
-        name = f"{lifespan.__module__}:{lifespan.__qualname__}"
-        return Row(ERROR, "lifespan", f"{name} failed: {type(exc).__name__}: {exc}")
+    for lifespan in lifespans.values():
+        try:
+            async with asyncio.timeout(30), lifespan(app):
+                pass
+        except Exception as exc:
+            name = f"{lifespan.__module__}:{lifespan.__qualname__}"
+            return Row(ERROR, "lifespan", f"{name} failed: {type(exc).__name__}: {exc}")
     return Row(OK, "lifespan", f"entered and exited in {time.perf_counter() - started:.2f} s")
 
 

@@ -12,7 +12,7 @@ No message made here shows a database password: URLs are rendered with
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,10 @@ DEFAULT_STALL_THRESHOLD = 1.0
 #: before a run gets it, so a database restart or failover costs no run that starts after
 #: it (docs/internals.md#dead-pooled-connections).
 ENGINE_DEFAULTS: Mapping[str, Any] = {"pool_pre_ping": True}
+
+#: A callable taking the Celery app and returning an async context manager, entered once per
+#: process on its loop (a task's class attribute or option, else ``app.conf``).
+LIFESPAN = "async_session_lifespan"
 
 #: The asyncio driver to suggest for a URL whose driver is sync or not named.
 ASYNC_DRIVERS: Mapping[str, str] = {
@@ -347,6 +351,37 @@ def stall_threshold(conf: Any) -> float:
     """``async_session_stall_threshold`` in seconds (0: the watchdog is off)."""
     configured = conf.get(STALL_THRESHOLD)
     return DEFAULT_STALL_THRESHOLD if configured is None else float(configured)
+
+
+def lifespan_of(task: Any) -> Callable[[Any], Any] | None:
+    """The ``async_session_lifespan`` of ``task`` (its own, else ``app.conf``'s), imported if
+    it is a string; None when none is set.
+
+    Raises:
+        ImproperlyConfigured: the import string does not resolve, or the value is not
+            callable.
+    """
+    configured = getattr(task, LIFESPAN, None)
+    if configured is None:
+        configured = task.app.conf.get(LIFESPAN)
+    if configured is None:
+        return None
+    lifespan = configured
+    if isinstance(lifespan, str):
+        try:
+            lifespan = symbol_by_name(lifespan)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ImproperlyConfigured(
+                f"{LIFESPAN} {configured!r} of task {task.name!r} does not resolve "
+                f"({type(exc).__name__}: {exc}). Use 'package.module:name'."
+            ) from None
+    if not callable(lifespan):
+        raise ImproperlyConfigured(
+            f"{LIFESPAN} of task {task.name!r} must be a callable that takes the Celery app "
+            f"and returns an async context manager, got {type(lifespan).__name__}."
+        )
+    resolved: Callable[[Any], Any] = lifespan
+    return resolved
 
 
 def _shown(url: str | URL | None) -> str | None:

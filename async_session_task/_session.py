@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from . import _config
 from ._crossing import Crossing, drive
+from .signals import engine_created
 
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")
@@ -264,8 +265,13 @@ class Factories:
                 maker = self._makers.get(type(task))
                 if maker is None:
                     settings = _config.Settings.of(task)
+                    known = list(self._engines.values())
                     maker = _config.session_factory(settings, self._engines)
                     self._adopt(maker)
+                    for engine in self._engines.values():
+                        if not any(engine is e for e in known):
+                            # Before any session uses it: instrumentation sees every statement.
+                            engine_created.send(sender=task, engine=engine)
                     self._makers[type(task)] = maker
         return maker
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from celery import Task
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import _config
 from ._crossing import await_in_body, in_body
+from ._lifespan import lifespan_state, lifespans
 from ._on_commit import on_commit
 from ._runtime import get_runtime
 from ._session import Run, current_run, factories, in_worker, runs
@@ -50,7 +51,8 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
     * ``autocommit``: commit after a successful body, inside the run, so a failed commit
       fails the task and its retry policy applies.
     * ``async_session_url``, ``async_session_engine_options``, ``async_session_options``,
-      ``async_session_maker``: override the ``app.conf`` settings of the same names.
+      ``async_session_maker``, ``async_session_lifespan``: override the ``app.conf``
+      settings of the same names.
     """
 
     abstract = True
@@ -59,6 +61,7 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
     async_session_engine_options: ClassVar[dict[str, Any] | None] = None
     async_session_options: ClassVar[dict[str, Any] | None] = None
     async_session_maker: ClassVar[Any] = None
+    async_session_lifespan: ClassVar[Any] = None
 
     _body: Callable[..., Any]
 
@@ -111,6 +114,15 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                 "async def body (and what it awaits), or in before_start/after_return."
             )
         return run.session
+
+    @property
+    def lifespan_state(self) -> Mapping[str, Any]:
+        """What this task's ``async_session_lifespan`` yielded in this process.
+
+        Raises:
+            RuntimeError: outside a run, or the task has no lifespan.
+        """
+        return lifespan_state()
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
@@ -173,7 +185,7 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                     f"{self.name}: the body returned {type(body).__name__}, not a coroutine; "
                     "an AsyncSessionTask body must be 'async def'."
                 )
-            execution = run.execute(body, self.autocommit)
+            execution = lifespans.within(self, body, run.execute(body, self.autocommit))
             runtime = get_runtime()
             if runtime.on_loop() and in_body():
                 # A nested eager call from inside a body (docs/internals.md#nested-eager): the

@@ -20,16 +20,20 @@ from celery.worker.control import inspect_command
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _config, _runtime
+from ._lifespan import lifespans
 from ._on_commit import publish_failures
 from ._session import factories, runs, task_factory
 from ._task import AsyncSessionTask
 
 logger = logging.getLogger("async_session_task")
 
-# What every loop of this package runs: tasks a run starts belong to it; engines are
-# disposed on the loop before it stops; a lost loop takes its engines with it.
+# What every loop of this package runs: tasks a run starts belong to it; before it stops,
+# the lifespans are exited (they may still use the engines), then the engines are disposed;
+# a lost loop takes its lifespans and engines with it.
 _runtime.hooks.task_factory = task_factory
+_runtime.hooks.stopping.append(lifespans.exit)
 _runtime.hooks.stopping.append(factories.dispose)
+_runtime.hooks.lost.append(lifespans.forget)
 _runtime.hooks.lost.append(factories.forget)
 
 #: Pool names as ``-P`` spells them, by the module of Celery's pool class.
@@ -66,6 +70,10 @@ def check_worker_tasks(app: Any) -> None:
             logger.error("Task %s will fail every run: %s", name, exc)
         for engine in engines.values():  # made, never connected: nothing to close
             engine.sync_engine.dispose(close=False)
+        try:
+            _config.lifespan_of(task)
+        except ImproperlyConfigured as exc:
+            logger.error("Task %s will fail every run: %s", name, exc)
 
 
 def check_pool_capacity(app: Any, concurrency: int | None) -> None:

@@ -4,6 +4,8 @@
   call) with every session bound to one connection whose transaction is rolled back at the
   end, so tests are isolated even when the tasks commit.
 * ``worker_process``: a real ``celery worker`` in a subprocess, on a queue of its own.
+* ``override_lifespan_state``: runs in the test process see a state of the test's own
+  instead of entering the ``async_session_lifespan``.
 
 The pytest plugin of this package (``async_session_task._pytest_plugin``, registered through
 the ``pytest11`` entry point) wraps both in fixtures.
@@ -30,6 +32,7 @@ from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from . import _on_commit
+from ._lifespan import lifespans
 from ._runtime import get_runtime
 from ._session import factories
 from ._task import AsyncSessionTask
@@ -39,6 +42,7 @@ __all__ = [
     "RollbackSessions",
     "WorkerProcess",
     "file_broker_settings",
+    "override_lifespan_state",
     "rollback_sessions",
     "worker_process",
 ]
@@ -308,6 +312,18 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
     finally:
         for transaction in transactions.values():
             runtime.call(transaction.end())
+
+
+@contextlib.contextmanager
+def override_lifespan_state(state: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """Within the block, runs in this process (``apply()``, eager mode, a direct call) see
+    ``state`` as their ``lifespan_state()``, and no ``async_session_lifespan`` is entered:
+    a test substitutes its own clients (a fake HTTP transport, a test Redis database).
+
+    Runs in worker processes are not affected.
+    """
+    with lifespans.substitute(state):
+        yield state
 
 
 def _unproxied(task: Any) -> Any:

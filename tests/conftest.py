@@ -7,9 +7,13 @@ import functools
 import json
 import os
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import celery.result
 import psycopg
@@ -173,3 +177,55 @@ def service_worker(
 def start_worker(database_url: str) -> StartWorker:
     """``with start_worker(pool="threads", concurrency=8) as w: w.send(task, ...)``."""
     return functools.partial(service_worker, database_url)
+
+
+class HTTPServer:
+    """A local HTTP/1.1 server: ``/slow?delay=s`` answers after ``delay`` seconds. It counts
+    requests, the TCP connections they came on, and the most requests in flight at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.connections: set[tuple[str, int]] = set()
+        self.in_flight = 0
+        self.most_in_flight = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: a client's pool reuses connections
+
+            def do_GET(self) -> None:
+                query = parse_qs(urlparse(self.path).query)
+                with server.lock:
+                    server.requests += 1
+                    server.connections.add(self.client_address)
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                try:
+                    time.sleep(float(query.get("delay", ["0"])[0]))
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+                body = b'{"ok": true}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def http_server() -> Iterator[HTTPServer]:
+    server = HTTPServer()
+    thread = threading.Thread(target=server.server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()

@@ -33,6 +33,26 @@ def test_the_package_names() -> None:
     assert sorted(async_session_task.__all__) == [
         "AsyncSessionTask",
         "current_session",
+        "lifespan_state",
         "on_commit",
         "pgbouncer_engine_options",
     ]
+
+
+def test_signals_all_names_the_signals() -> None:
+    """``async_session_task.signals`` defines signals only (instances of Celery's Signal)."""
+    from celery.utils.dispatch import Signal
+
+    import async_session_task.signals
+
+    signals = {
+        name
+        for name, value in vars(async_session_task.signals).items()
+        if isinstance(value, Signal)
+    }
+    assert sorted(async_session_task.signals.__all__) == sorted(signals) == ["engine_created"]
+
+
+def test_lifespan_state_is_public() -> None:
+    assert "lifespan_state" in async_session_task.__all__
+    assert "override_lifespan_state" in async_session_task.testing.__all__

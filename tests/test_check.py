@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from async_session_task import _config
 from tests.conftest import unavailable
 from tests.faults.services import PrivatePgBouncer, pgbouncer_missing
 
@@ -75,8 +74,7 @@ def test_a_healthy_app_passes(database_url: str) -> None:
     assert 'database "pgbouncer" does not exist' in line(lines, "OK     pgbouncer ")
     assert line(lines, "OK     pool_pre_ping ").endswith("on")
     assert "20000 ms <= 30.0 s (check.query)" in line(lines, "OK     statement_timeout ")
-    if not hasattr(_config, "lifespan"):
-        assert line(lines, "SKIP   lifespan ").endswith("not configured")
+    assert line(lines, "SKIP   lifespan ").endswith("not configured")
     assert lines[-1] == "no errors"
 
 
@@ -149,9 +147,6 @@ def test_pgbouncer_with_the_preset(pgbouncer_url: str) -> None:
     assert line(lines, "OK     pgbouncer ").endswith("; statement cache off")
 
 
-@pytest.mark.skipif(
-    not hasattr(_config, "lifespan"), reason="no async_session_lifespan reader in _config yet"
-)
 @pytest.mark.parametrize(
     ("lifespan", "expected"),
     [

@@ -34,6 +34,8 @@ EXECUTED = {
     "docs/examples/migrated.py",
     "docs/examples/deployment.py",
     "docs/examples/faq_different_loop.py",
+    "docs/examples/observability.py",
+    "docs/examples/testing_lifespan.py",  # by tests/apps/lifespan_app.py, in test_lifespan.py
     "docs/examples/testing/conftest.py",
     "docs/examples/testing/test_orders.py",
     "docs/examples/on_commit_testing.py",
@@ -52,6 +54,7 @@ EXECUTED = {
     "examples/fastapi_orders/models.py",
     "examples/fastapi_orders/tasks.py",
     "examples/fastapi_orders/web.py",
+    "examples/lifespan.py",
 }
 
 
@@ -195,6 +198,26 @@ def test_the_testing_page_suite_passes(tmp_path: Path) -> None:
     )
     assert process.returncode == 0, process.stdout + process.stderr
     assert "3 passed" in process.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_lifespan_substitute_test_passes(tmp_path: Path) -> None:
+    """docs/examples/testing_lifespan.py, run as pytest would run it (SQLite, no server)."""
+    env = {**os.environ, "EXAMPLES_STATE_DIR": str(tmp_path)}
+    for name in ("EXAMPLES_DATABASE_URL", "EXAMPLES_BROKER_URL", "EXAMPLES_QUEUE"):
+        env.pop(name, None)
+    process = subprocess.run(
+        [sys.executable, "-m", "pytest", "docs/examples/testing_lifespan.py", "-p",
+         "no:cacheprovider", "-q"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert "1 passed" in process.stdout
 
 
 @pytest.mark.services

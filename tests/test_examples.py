@@ -30,6 +30,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import MetaData, create_engine, text
 
 from async_session_task.testing import WorkerProcess, file_broker_settings, worker_process
+from tests.conftest import HTTPServer
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]
@@ -62,10 +63,17 @@ class Variant:
             engine.dispose()
 
     @contextlib.contextmanager
-    def worker(self, module: str, pool: str = "threads") -> Iterator[WorkerProcess]:
+    def worker(
+        self, module: str, pool: str = "threads", env: dict[str, str] | None = None
+    ) -> Iterator[WorkerProcess]:
         """``celery -A module worker`` whose default queue is its own (for chords, retries)."""
         name = uuid.uuid4().hex[:12]
-        env = {**self.env, "EXAMPLES_QUEUE": f"q-{name}", "PYTHONPATH": pythonpath()}
+        env = {
+            **self.env,
+            **(env or {}),
+            "EXAMPLES_QUEUE": f"q-{name}",
+            "PYTHONPATH": pythonpath(),
+        }
         with worker_process(
             self.client, module, pool=pool, concurrency=4, env=env, name=name
         ) as worker:
@@ -276,9 +284,41 @@ def test_fastapi_orders_worker_finds_every_order(variant: Variant) -> None:
         assert read["status"] == "processed"
 
 
+@pytest.mark.services
+def test_lifespan_clients_are_shared_by_the_runs(
+    postgresql_variant: Variant, http_server: HTTPServer
+) -> None:
+    """Eight runs at once on a threads worker use one HTTP client and one Redis client; the
+    page is fetched once, then read from Redis; the worker stops with nothing left open."""
+    from examples import lifespan
+
+    variant = postgresql_variant
+    variant.create_tables(lifespan.Base.metadata)
+    path = f"/slow?delay=0.2&page={uuid.uuid4().hex}"
+    env = {"EXAMPLES_HTTP_URL": http_server.url}
+    with variant.worker("examples.lifespan", env=env) as worker:
+        first = variant.send(worker, "examples.lifespan.record_page", path).get(timeout=WAIT)
+        results = [variant.send(worker, "examples.lifespan.record_page", path) for _ in range(8)]
+        reports = [result.get(timeout=WAIT) for result in results]
+    assert {report["status"] for report in [first, *reports]} == {200}
+    assert len({report["http_client"] for report in [first, *reports]}) == 1
+    assert http_server.requests == 1  # the other runs found it in Redis
+    rows = variant.query("select status from lifespan_pages where path = :p", p=path)
+    assert rows == [(200,)]
+
+
 def test_no_examples_left_untested() -> None:
     """Each module in examples/ has a test here (or in test_demo.py)."""
-    tested = {"demo", "settings", "shop", "retrying", "time_limits", "fanout", "fastapi_orders"}
+    tested = {
+        "demo",
+        "settings",
+        "shop",
+        "retrying",
+        "time_limits",
+        "fanout",
+        "fastapi_orders",
+        "lifespan",
+    }
     found = {p.stem for p in (ROOT / "examples").iterdir() if p.stem != "__init__"}
     found.discard("__pycache__")
     assert found <= tested, found - tested
