@@ -3,7 +3,7 @@
 Registered in the ``celery.commands`` entry point group, as Flower registers ``celery flower``
 (Celery's CLI adds every command of that group), and reachable as
 ``python -m async_session_task check -A proj``. Sessions are resolved by the same code as a
-task's first run (:func:`_config.session_factory`); probes run on a private event loop
+task's first run (:func:`_factory.session_factory`); probes run on a private event loop
 (``asyncio.run``: a command, not a worker) that disposes every engine it connected. No line
 shows a password (docs/check.md).
 """
@@ -26,7 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool, QueuePool
 
-from . import _config
+from . import _config, _factory
 from ._task import AsyncSessionTask
 
 OK, WARN, ERROR, SKIP = "OK", "WARN", "ERROR", "SKIP"
@@ -75,11 +75,11 @@ def resolve_targets(app: Any) -> tuple[list[Row], list[Target]]:
     for task in tasks:
         settings = _config.Settings.of(task)
         try:
-            maker = _config.session_factory(settings, engines)
+            maker = _factory.session_factory(settings, engines)
         except ImproperlyConfigured as exc:
             rows.append(Row(ERROR, f"task {task.name}", str(exc)))
             continue
-        for engine in _config.engines_of(maker):
+        for engine in _factory.engines_of(maker):
             targets.setdefault(id(engine), Target(engine, settings)).tasks.append(task)
     if not tasks:
         rows.append(Row(WARN, "session factories", "no AsyncSessionTask in this app"))

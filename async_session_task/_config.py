@@ -1,28 +1,24 @@
-"""Settings: where a task's sessions come from, and the errors that say what is wrong.
+"""Settings: what a task's settings are, read and checked, and the errors that say what is
+wrong.
 
 A leaf module (it imports nothing of this package): pure functions from a task and its app's
-``app.conf`` to what a run needs. :func:`session_factory` is the only way from settings to
-an ``async_sessionmaker``: a task's first run in a process and the worker-start check both
-use it, so they cannot disagree.
-
-No message made here shows a database password: URLs are rendered with
-``hide_password=True``, and errors that could echo the URL are not chained.
+``app.conf`` to what a run needs; ``_factory`` turns settings into sessions. Every setting
+and its default is here, in code (docs/configuration.md lists them). No message made here
+shows a database password.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery.exceptions import ImproperlyConfigured
 from celery.utils.imports import symbol_by_name
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import QueuePool
 
 #: The settings that say where a task's sessions come from, with their defaults.
 DEFAULTS: Mapping[str, Any] = {
@@ -53,17 +49,7 @@ ENGINE_DEFAULTS: Mapping[str, Any] = {"pool_pre_ping": True}
 #: process on its loop (a task's class attribute or option, else ``app.conf``).
 LIFESPAN = "async_session_lifespan"
 
-#: The asyncio driver to suggest for a URL whose driver is sync or not named.
-ASYNC_DRIVERS: Mapping[str, str] = {
-    "postgresql": "asyncpg",
-    "mysql": "aiomysql",
-    "mariadb": "aiomysql",
-    "sqlite": "aiosqlite",
-    "mssql": "aioodbc",
-    "oracle": "oracledb",
-}
-
-_EXAMPLE_URL = "'postgresql+asyncpg://user:password@host/dbname' or 'sqlite+aiosqlite:///path.db'"
+EXAMPLE_URL = "'postgresql+asyncpg://user:password@host/dbname' or 'sqlite+aiosqlite:///path.db'"
 
 #: Equal for settings that share one engine: the URL (password included) and the options.
 EngineKey = tuple[str, str]
@@ -159,7 +145,7 @@ class Settings:
             )
         if self.url is not None and not isinstance(self.url, str | URL):
             raise ImproperlyConfigured(
-                f"{task}: async_session_url must be a string such as {_EXAMPLE_URL}, "
+                f"{task}: async_session_url must be a string such as {EXAMPLE_URL}, "
                 f"got {type(self.url).__name__}."
             )
         unknown = _unknown_session_options(self.session_options)
@@ -192,144 +178,6 @@ def _unknown_session_options(options: Mapping[str, Any]) -> list[str]:
         if function is sync_class.__init__ and any(p.kind is p.VAR_KEYWORD for p in parameters):
             return []  # a custom Session that takes any keyword: it decides
     return sorted(set(options) - known - {"self", "bind"})
-
-
-def resolve_maker(settings: Settings, task_name: str | None = None) -> async_sessionmaker[Any]:
-    """Import (if it is a string) and type-check a configured ``async_sessionmaker``."""
-    task = f"task {task_name or settings.task_name!r}"
-    maker = settings.maker
-    if isinstance(maker, str):
-        try:
-            maker = symbol_by_name(maker)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ImproperlyConfigured(
-                f"async_session_maker {settings.maker!r} of {task} does not resolve "
-                f"({type(exc).__name__}: {exc}). Use 'package.module:name'."
-            ) from None
-    if not isinstance(maker, async_sessionmaker):
-        hint = (
-            " (a sync sessionmaker: use sqlalchemy.ext.asyncio.async_sessionmaker)"
-            if type(maker).__name__ == "sessionmaker"
-            else ""
-        )
-        raise ImproperlyConfigured(
-            f"async_session_maker of {task} must be a "
-            f"sqlalchemy.ext.asyncio.async_sessionmaker, got {type(maker).__name__}{hint}."
-        )
-    return maker
-
-
-def parse_url(settings: Settings) -> URL:
-    """The ``async_session_url`` as a URL with an asyncio driver, or ImproperlyConfigured."""
-    task = f"Task {settings.task_name!r}"
-    assert settings.url is not None
-    try:
-        url = make_url(settings.url)
-    except Exception:
-        # Not chained: some parse errors quote the URL, password included.
-        raise ImproperlyConfigured(
-            f"{task}: async_session_url is not a database URL; expected e.g. {_EXAMPLE_URL}. "
-            "Percent-encode special characters in the password."
-        ) from None
-    shown = url.render_as_string(hide_password=True)
-    backend = url.get_backend_name()
-    driver = ASYNC_DRIVERS.get(backend)
-    use = (
-        f"'{backend}+{driver}://'" if driver else "an asyncio driver, e.g. 'postgresql+asyncpg://'"
-    )
-    if "+" not in url.drivername:
-        # The default driver of a bare name is sync, or depends on the SQLAlchemy version
-        # (postgresql: psycopg2 in 2.0, psycopg in 2.1): name it, so every version agrees.
-        raise ImproperlyConfigured(
-            f"{task}: async_session_url {shown} names no driver; use {use} "
-            "(the rest of the URL unchanged)."
-        )
-    try:
-        dialect = url.get_dialect(_is_async=True)
-    except Exception as exc:
-        raise ImproperlyConfigured(
-            f"{task}: async_session_url {shown}: SQLAlchemy has no driver "
-            f"{url.drivername!r} ({type(exc).__name__}); use {use}."
-        ) from None
-    if not getattr(dialect, "is_async", False):
-        raise ImproperlyConfigured(
-            f"{task}: async_session_url {shown} uses {url.get_driver_name()!r}, a sync "
-            f"driver; use {use} (the rest of the URL unchanged)."
-        )
-    return url
-
-
-def create_engine(settings: Settings) -> AsyncEngine:
-    """Build the engine for ``async_session_url``; errors never show the password."""
-    url = parse_url(settings)
-    shown = url.render_as_string(hide_password=True)
-    try:
-        return _create_async_engine(url, **{**ENGINE_DEFAULTS, **settings.engine_options})
-    except ImportError as exc:
-        raise ImproperlyConfigured(
-            f"Task {settings.task_name!r}: the driver of {shown} is not installed "
-            f"({exc}); install it, e.g. 'pip install {url.get_driver_name()}'."
-        ) from None
-    except Exception as exc:
-        # TypeError for an unknown keyword or a value of the wrong type.
-        raise ImproperlyConfigured(
-            f"Task {settings.task_name!r}: async_session_engine_options "
-            f"{sorted(settings.engine_options)} are not valid for {shown} "
-            f"({type(exc).__name__}: {exc})."
-        ) from None
-
-
-def session_factory(
-    settings: Settings, engines: MutableMapping[EngineKey, AsyncEngine]
-) -> async_sessionmaker[Any]:
-    """The session factory ``settings`` describe: the only way from settings to sessions.
-
-    Used by a task's first run in a process and by the worker-start check alike, so both
-    fail with the same message. Engines built from ``async_session_url`` are taken from, or
-    added to, ``engines``: tasks with the same URL and options share one engine. Creating
-    an engine does not connect.
-
-    Raises:
-        ImproperlyConfigured: the settings cannot make sessions; the message says why.
-    """
-    settings.check()
-    if settings.maker is not None:
-        return resolve_maker(settings)
-    key = settings.engine_key()
-    engine = engines.get(key)
-    if engine is None:
-        engine = engines[key] = create_engine(settings)
-    return async_sessionmaker(engine, **{**SESSION_DEFAULTS, **settings.session_options})
-
-
-def engines_of(maker: async_sessionmaker[Any]) -> list[AsyncEngine]:
-    """The async engines a maker binds its sessions to."""
-    bind = maker.kw.get("bind")
-    binds = maker.kw.get("binds") or {}
-    return [e for e in (bind, *binds.values()) if isinstance(e, AsyncEngine)]
-
-
-def pool_capacity(settings: Settings) -> tuple[int | None, tuple[Any, ...]]:
-    """Most connections the settings' engine pool hands out (None: unbounded or unknown),
-    and a key that is equal for tasks sharing that pool."""
-    if settings.maker is None:
-        options = settings.engine_options
-        if "poolclass" in options or str(settings.url or "").startswith("sqlite"):
-            return None, ()
-        # QueuePool's defaults; a negative max_overflow means no limit.
-        size, overflow = options.get("pool_size", 5), options.get("max_overflow", 10)
-        key: tuple[Any, ...] = settings.engine_key()
-    else:
-        engines = engines_of(resolve_maker(settings))
-        if len(engines) != 1 or not isinstance(engines[0].pool, QueuePool):
-            return None, ()
-        pool = engines[0].pool
-        # QueuePool keeps its overflow limit private; size() is public.
-        size, overflow = pool.size(), getattr(pool, "_max_overflow", -1)
-        key = (id(engines[0]),)
-    if overflow < 0:
-        return None, ()
-    return int(size) + int(overflow), key
 
 
 def time_limits(task: Any, request: Any) -> tuple[float | None, float | None]:

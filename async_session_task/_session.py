@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from . import _config
+from . import _config, _factory
 from ._crossing import Crossing, drive
 from .signals import engine_created
 
@@ -241,7 +241,7 @@ runs = Registry()
 class Factories:
     """The session factory of each task class and the engines behind them, per process.
 
-    Built by :func:`._config.session_factory` at a task's first run in the process; engines
+    Built by :func:`._factory.session_factory` at a task's first run in the process; engines
     are disposed on the loop (:meth:`dispose`) when the loop stops, and forgotten in a
     forked child, which starts on fresh pools (docs/internals.md#fork).
     """
@@ -266,7 +266,7 @@ class Factories:
                 if maker is None:
                     settings = _config.Settings.of(task)
                     known = list(self._engines.values())
-                    maker = _config.session_factory(settings, self._engines)
+                    maker = _factory.session_factory(settings, self._engines)
                     self._adopt(maker)
                     for engine in self._engines.values():
                         if not any(engine is e for e in known):
@@ -276,7 +276,7 @@ class Factories:
         return maker
 
     def _adopt(self, maker: async_sessionmaker[Any]) -> None:
-        for engine in _config.engines_of(maker):
+        for engine in _factory.engines_of(maker):
             if engine in self._engines.values() or any(engine is e for e in self._foreign):
                 continue
             # The app's own engine may have connected before this process existed (a prefork

@@ -19,7 +19,7 @@ from celery.exceptions import ImproperlyConfigured
 from celery.worker.control import inspect_command
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _config, _runtime
+from . import _config, _factory, _runtime
 from ._lifespan import lifespans
 from ._on_commit import publish_failures
 from ._session import factories, runs, task_factory
@@ -65,7 +65,7 @@ def check_worker_tasks(app: Any) -> None:
             continue
         engines: dict[_config.EngineKey, AsyncEngine] = {}
         try:
-            _config.session_factory(_config.Settings.of(task), engines)
+            _factory.session_factory(_config.Settings.of(task), engines)
         except ImproperlyConfigured as exc:
             logger.error("Task %s will fail every run: %s", name, exc)
         for engine in engines.values():  # made, never connected: nothing to close
@@ -87,7 +87,7 @@ def check_pool_capacity(app: Any, concurrency: int | None) -> None:
             continue
         try:
             settings = _config.Settings.of(task)
-            capacity, where = _config.pool_capacity(settings)
+            capacity, where = _factory.pool_capacity(settings)
         except Exception:  # misconfiguration is reported by check_worker_tasks
             continue
         if capacity is None or capacity >= concurrency or where in warned:

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
 
 from async_session_task import pgbouncer_engine_options
-from async_session_task._config import Settings, create_engine
+from async_session_task._config import Settings
+from async_session_task._factory import create_engine
 
 URL = "postgresql+asyncpg://app@127.0.0.1:6432/shop"
 
