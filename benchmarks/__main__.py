@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             results["bridge"] = _bridge(options, database)
     results["machine"]["load_average"] = {"before": load_before, "after": os.getloadavg()}
     results["duration_s"] = time.monotonic() - started
+    results["measured_at"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     results["targets"] = _report.targets(results)
     return results
 

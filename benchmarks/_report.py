@@ -19,6 +19,7 @@ COLUMNS = (
     "CPU vs sync",
     "tasks/s vs sync",
     "tasks/s vs naive",
+    "CPU vs library defaults",
 )
 
 
@@ -32,7 +33,8 @@ def ratios(workload: dict[str, Any]) -> dict[str, Any]:
     impls = workload["implementations"]
     out: dict[str, Any] = {}
     for name, data in impls.items():
-        for baseline in BASELINES:
+        # Each variant of the library against its defaults, too.
+        for baseline in (*BASELINES, "library") if name.startswith("library-") else BASELINES:
             # A variant measured with other worker settings (-info, -noresult) is compared
             # with the baseline measured with the same ones, when it ran.
             base = baseline + ("-" + name.rpartition("-")[2] if name.endswith(FACTORS) else "")
@@ -59,7 +61,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             label = _label(impl)
             rate = data.get("tasks_per_s")
             if not rate:
-                out.append((title, label, f"failed: {data['error']}", *[""] * 5))
+                out.append((title, label, f"failed: {data['error']}", *[""] * 6))
                 continue
             if data["status"] != "ok":
                 label += f" (then failed: {data['error']})"
@@ -74,6 +76,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                     _stats.text(_ratio(workload, impl, "sync", "cpu_ms_per_task"), 2, "x"),
                     _stats.text(_ratio(workload, impl, "sync", "tasks_per_s"), 2, "x"),
                     _stats.text(_ratio(workload, impl, "naive", "tasks_per_s"), 2, "x"),
+                    _stats.text(_ratio(workload, impl, "library", "cpu_ms_per_task"), 2, "x"),
                 )
             )
     return out
@@ -226,7 +229,7 @@ def table(results: dict[str, Any]) -> str:
 
 def generated_section(results: dict[str, Any], plot_name: str) -> str:
     settings = results["settings"]
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = results.get("measured_at") or datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         BEGIN,
         f"Measured {when} in {results['duration_s']:.0f} s: {settings['rounds']} rounds of "

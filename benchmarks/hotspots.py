@@ -21,7 +21,29 @@ from typing import Any
 from benchmarks import _db
 from benchmarks._variants import IMPLEMENTATIONS
 
-WAYS = ("asyncio", "library_call", "library_apply", "sync_apply")
+WAYS = ("sync", "asyncio", "library_call", "library_apply", "sync_apply")
+
+
+def _package(path: str) -> str:
+    """``.../site-packages/sqlalchemy/orm/session.py`` -> ``sqlalchemy``."""
+    if path == "~":
+        return "built-in functions (greenlet switch, socket, epoll, ...)"
+    parts = path.split("/")
+    for marker in ("site-packages", "async_session_task", "benchmarks"):
+        if marker in parts:
+            index = parts.index(marker)
+            return parts[index] if marker != "site-packages" else parts[index + 1]
+    return "asyncio" if "/asyncio/" in path else "standard library"
+
+
+def by_package(stats: pstats.Stats, calls: int) -> dict[str, float]:
+    """Own CPU time per run, in microseconds, summed by package."""
+    entries: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    totals: dict[str, float] = {}
+    for (path, _, _), value in entries.items():
+        name = _package(path)
+        totals[name] = totals.get(name, 0.0) + 1e6 * value[2] / calls
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def _rows(stats: pstats.Stats, calls: int, where: str, top: int) -> list[str]:
@@ -51,19 +73,20 @@ def main() -> None:
     with _db.bench_database(options.calls, first_rows) as database:
         os.environ["AST_BENCH_DATABASE"] = database
         from async_session_task import _runtime
-        from benchmarks.bridge import db_ways
+        from benchmarks.bridge import db_ways, measure
 
         _runtime._mark_one_at_a_time()  # the loop inline, as in a prefork child
         with db_ways(options.calls) as ways:
-            for name in WAYS:
-                ways[name][1](50)  # warm up: connect, compile, cache
-            for name in WAYS:
-                started = time.process_time()
-                ways[name][1](options.calls)
-                spent = time.process_time() - started
-                print(f"{1e6 * spent / options.calls:8.1f} us CPU/run unprofiled  {name}")
+            # Unprofiled first, the ways alternating round by round.
+            rounds = 10
+            measured = measure({name: ways[name] for name in WAYS}, options.calls // rounds, rounds)
+            for name, way in measured.items():
+                print(
+                    f"{way['cpu_median']:8.1f} us CPU/run unprofiled "
+                    f"({way['cpu_min']:.1f}-{way['cpu_max']:.1f})  {name}: {way['what']}"
+                )
             profiles = {}
-            for name in ("asyncio", "library_apply"):
+            for name in ("sync", "asyncio", "library_apply", "sync_apply"):
                 # CPU time, not wall: waiting for PostgreSQL in epoll costs no CPU.
                 profile = cProfile.Profile(time.process_time)
                 profile.runcall(ways[name][1], options.calls)
@@ -76,6 +99,11 @@ def main() -> None:
     print(f"{1e6 * own / options.calls:10.1f} us/run in all, own time (profiled)")
     print("\n--- every function, task.apply() with the loop inline")
     print("\n".join(_rows(library, options.calls, "", options.top)))
+    print("\n--- own CPU per run by package, profiled (us): " + ", ".join(profiles))
+    tables = {name: by_package(stats, options.calls) for name, stats in profiles.items()}
+    for package in tables["library_apply"] | tables["sync_apply"]:
+        cells = " ".join(f"{tables[name].get(package, 0.0):9.1f}" for name in profiles)
+        print(f"{cells}  {package}")
     print("\n--- every function, plain SQLAlchemy asyncio")
     print("\n".join(_rows(profiles["asyncio"], options.calls, "", options.top)))
 
