@@ -184,7 +184,8 @@ def db_ways(rows: int) -> Iterator[dict[str, tuple[str, Way]]]:
             ),
         }
     finally:
-        # Disposed on the loop its connections belong to (TRAPS 24).
+        # Disposed on the loop its connections belong to: an asyncpg connection left open
+        # when its loop closes never closes its socket (asyncpg warns with ResourceWarning).
         loop.run_until_complete(engine.dispose())
         loop.close()
         impl_sync.engine.dispose()
