@@ -13,11 +13,13 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from benchmarks import _db, _machine, _report
-from benchmarks._workers import IMPLEMENTATIONS, WORKLOADS, Driver, run_workload
+from benchmarks._variants import DEFAULTS, IMPLEMENTATIONS
+from benchmarks._workers import WORKLOADS, Driver, run_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("benchmarks")
@@ -35,9 +37,22 @@ def _names(text: str, known: list[str]) -> list[str]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=7, help="rounds per workload")
-    parser.add_argument("--tasks", type=int, default=300, help="tasks per batch, DB workload")
-    parser.add_argument("--io-tasks", type=int, default=300, help="tasks per batch, IO-bound")
+    parser.add_argument("--rounds", type=int, help="rounds of the DB workload (15; long: 31)")
+    parser.add_argument("--tasks", type=int, help="tasks per DB batch (300; long: 600)")
+    parser.add_argument(
+        "--io-rounds", type=int, help="rounds of the IO-bound workloads and the bridge (7; 15)"
+    )
+    parser.add_argument("--io-tasks", type=int, default=200, help="tasks per batch, IO-bound")
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help="every implementation on the DB workload, more rounds and tasks",
+    )
+    parser.add_argument(
+        "--no-pause",
+        action="store_true",
+        help="leave the other workers running (idle) while one is measured",
+    )
     parser.add_argument("--bridge-calls", type=int, default=2000, help="calls per bridge round")
     parser.add_argument(
         "--db-calls", type=int, default=200, help="DB body calls per in-process round (0: none)"
@@ -52,8 +67,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--implementations",
         type=lambda text: _names(text, list(IMPLEMENTATIONS)),
-        default=list(IMPLEMENTATIONS),
-        help="comma-separated subset of: " + ", ".join(IMPLEMENTATIONS),
+        help="comma-separated, for every workload whose pool they run on (default: a set per "
+        "workload); of: " + ", ".join(IMPLEMENTATIONS),
     )
     parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json"
@@ -62,38 +77,61 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--docs", type=Path, default=ROOT / "docs", help="where performance.md and the plot go"
     )
     parser.add_argument("--no-docs", action="store_true", help="write no docs page")
-    return parser.parse_args(argv)
+    options = parser.parse_args(argv)
+    if options.rounds is None:
+        options.rounds = 31 if options.long else 15
+    if options.io_rounds is None:
+        options.io_rounds = min(options.rounds, 15 if options.long else 7)
+    if options.tasks is None:
+        options.tasks = 600 if options.long else 300
+    return options
+
+
+def implementations(options: argparse.Namespace, workload: str) -> list[str]:
+    """The implementations a workload runs: named, or its defaults (all with ``--long``)."""
+    pool = WORKLOADS[workload].pool
+    if options.implementations:
+        names = options.implementations
+    elif options.long and workload == "db-prefork":
+        names = list(IMPLEMENTATIONS)
+    else:
+        names = list(DEFAULTS[workload])
+    return [name for name in names if IMPLEMENTATIONS[name].runs_on(pool)]
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     worker_workloads = [name for name in options.workloads if name in WORKLOADS]
-    names: list[str] = options.implementations
+    chosen = {name: implementations(options, name) for name in worker_workloads}
     rows = max(options.tasks, options.io_tasks)
-    first_rows = [first for name in names if (first := IMPLEMENTATIONS[name][1]) is not None]
+    # Rows for every implementation: cheap, and the in-process ways use some of them.
+    first_rows = [impl.first_row for impl in IMPLEMENTATIONS.values() if impl.first_row is not None]
     results: dict[str, Any] = {
         "settings": {
             "rounds": options.rounds,
+            "io_rounds": options.io_rounds,
             "tasks": options.tasks,
             "io_tasks": options.io_tasks,
             "bridge_calls": options.bridge_calls,
             "db_calls": options.db_calls,
-            "implementations": names,
+            "implementations": chosen,
+            "paused": not options.no_pause,
+            "long": options.long,
         },
         "workloads": {},
     }
     load_before = os.getloadavg()
     with _db.bench_database(rows, first_rows) as database:
         results["machine"] = _machine.describe(database)
-        driver = Driver()
+        driver = Driver(pause=not options.no_pause)
         for name in worker_workloads:
             workload = WORKLOADS[name]
             tasks = options.tasks if workload.wait == 0 else options.io_tasks
             outcomes = run_workload(
                 driver,
                 workload,
-                names,
-                rounds=options.rounds,
+                chosen[name],
+                rounds=options.rounds if workload.wait == 0 else options.io_rounds,
                 tasks=tasks,
                 database=database,
                 timeout=options.timeout,
@@ -106,10 +144,12 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 "tasks": tasks,
                 "implementations": {n: outcome.summary() for n, outcome in outcomes.items()},
             }
+            results["workloads"][name]["ratios"] = _report.ratios(results["workloads"][name])
         if "bridge" in options.workloads:
             results["bridge"] = _bridge(options, database)
     results["machine"]["load_average"] = {"before": load_before, "after": os.getloadavg()}
     results["duration_s"] = time.monotonic() - started
+    results["measured_at"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     results["targets"] = _report.targets(results)
     return results
 
@@ -119,14 +159,16 @@ def _bridge(options: argparse.Namespace, database: str) -> dict[str, Any]:
     the loop inline, as in prefork children and solo workers."""
     result = _bridge_process(options, database, "--db-calls", str(options.db_calls))
     if "error" not in result:
-        result["inline"] = _bridge_process(options, database, "--inline")
+        result["inline"] = _bridge_process(
+            options, database, "--inline", "--db-calls", str(options.db_calls)
+        )
     return result
 
 
 def _bridge_process(options: argparse.Namespace, database: str, *args: str) -> dict[str, Any]:
     command = [
         sys.executable, "-m", "benchmarks.bridge", "--calls", str(options.bridge_calls),
-        "--rows", str(max(options.tasks, options.io_tasks)), "--rounds", str(options.rounds),
+        "--rows", str(max(options.tasks, options.io_tasks)), "--rounds", str(options.io_rounds),
         *args,
     ]  # fmt: skip
     env = {**os.environ, "AST_BENCH_DATABASE": database}

@@ -23,11 +23,13 @@ def database_url(driver: str) -> str:
 
 
 def make_app(name: str, *, backend: bool = True) -> Celery:
-    """A Celery app on the bench broker; workers store results in Redis for the driver."""
+    """A Celery app on the bench broker; workers store results in Redis for the driver,
+    unless ``AST_BENCH_IGNORE_RESULT`` is set (the driver then watches the counters)."""
     app = Celery(name, broker=BROKER_URL, backend=BROKER_URL if backend else None)
     app.conf.update(
         result_expires=600,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        task_ignore_result=bool(os.environ.get("AST_BENCH_IGNORE_RESULT")),
     )
     return app

@@ -25,6 +25,7 @@ PACKAGES = (
     "gevent",
     "greenlet",
     "redis",
+    "uvloop",
 )
 
 
@@ -73,3 +74,21 @@ def _version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def text(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
+    load = machine.get("load_average", {})
+    before = ", ".join(f"{x:.2f}" for x in load.get("before", ()))
+    after = ", ".join(f"{x:.2f}" for x in load.get("after", ()))
+    return "\n".join(
+        [
+            f"- CPU: {machine['cpu_model']}, {machine['cpus_usable']} usable of "
+            f"{machine['cpus']} cores; {machine['memory_gb']} GB RAM",
+            f"- {machine['system']}, {machine['python']}, "
+            f"PostgreSQL {machine['postgresql']}, Redis {machine['redis']}",
+            f"- Packages: {packages}; library source: {machine.get('source', 'unknown')}",
+            f"- Load average (1, 5, 15 min) before the run: {before}; after: {after}",
+        ]
+    )

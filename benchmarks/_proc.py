@@ -36,19 +36,49 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the tree, including children that already exited and were reaped."""
-    total = 0
+@dataclass(frozen=True)
+class Cpu:
+    """User + system CPU seconds of a worker's tree: its main process, and the rest."""
+
+    main: float
+    children: float  #: pool children, including those that exited and were reaped
+
+    @property
+    def total(self) -> float:
+        return self.main + self.children
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        return Cpu(self.main - other.main, self.children - other.children)
+
+
+def cpu(pid: int) -> Cpu:
+    """CPU of ``pid`` (all its threads) and of its descendants, from ``/proc``."""
+    main = children = 0
     for index, member in enumerate(tree(pid)):
         try:
             fields = _stat_fields(member)
         except OSError:
             continue
         # utime, stime are fields 14, 15; cutime, cstime 16, 17 (1-based, see proc(5)).
-        total += int(fields[11]) + int(fields[12])
         if index == 0:
-            total += int(fields[13]) + int(fields[14])
-    return total / _TICKS
+            main += int(fields[11]) + int(fields[12])
+            children += int(fields[13]) + int(fields[14])
+        else:
+            children += int(fields[11]) + int(fields[12])
+    return Cpu(main / _TICKS, children / _TICKS)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of the tree, including children that already exited and were reaped."""
+    return cpu(pid).total
+
+
+def pause(pids: list[int], paused: bool) -> None:
+    """Stop (SIGSTOP) or continue (SIGCONT) the trees of these workers."""
+    for pid in pids:
+        for member in tree(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGSTOP if paused else signal.SIGCONT)
 
 
 @dataclass(frozen=True)

@@ -2,27 +2,53 @@
 
 from __future__ import annotations
 
-import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import _svg
+from benchmarks import _machine, _stats, _svg
+from benchmarks._variants import BASELINES, FACTORS, IMPLEMENTATIONS
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-LABELS = {
-    "library": "async_session_task",
-    "sync": "sync pattern",
-    "naive": "naive asyncio.run",
-    "noop": "no-op (Celery alone)",
-}
-COLUMNS = ("workload", "implementation", "tasks/s", "CPU ms/task", "peak RSS MB", "vs sync")
+COLUMNS = (
+    "workload",
+    "implementation",
+    "tasks/s",
+    "CPU ms/task",
+    "main + children",
+    "CPU vs sync",
+    "tasks/s vs sync",
+    "tasks/s vs naive",
+    "CPU vs library defaults",
+)
 
 
-def _spread(metric: dict[str, float] | None, digits: int) -> str:
-    if not metric:
-        return "-"
-    return f"{metric['median']:.{digits}f} ({metric['min']:.{digits}f}-{metric['max']:.{digits}f})"
+def _label(name: str) -> str:
+    impl = IMPLEMENTATIONS.get(name)
+    return impl.label if impl else name
+
+
+def ratios(workload: dict[str, Any]) -> dict[str, Any]:
+    """Every implementation against each baseline, paired round by round."""
+    impls = workload["implementations"]
+    out: dict[str, Any] = {}
+    for name, data in impls.items():
+        # Each variant of the library against its defaults, too.
+        for baseline in (*BASELINES, "library") if name.startswith("library-") else BASELINES:
+            # A variant measured with other worker settings (-info, -noresult) is compared
+            # with the baseline measured with the same ones, when it ran.
+            base = baseline + ("-" + name.rpartition("-")[2] if name.endswith(FACTORS) else "")
+            base = base if base in impls else baseline
+            if base == name or base not in impls:
+                continue
+            for metric in ("cpu_ms_per_task", "tasks_per_s"):
+                value = _stats.paired(data["rounds"], impls[base]["rounds"], metric)
+                out.setdefault(name, {}).setdefault(baseline, {})[metric] = value
+    return out
+
+
+def _ratio(workload: dict[str, Any], name: str, base: str, metric: str) -> Any:
+    return workload.get("ratios", {}).get(name, {}).get(base, {}).get(metric)
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -30,25 +56,27 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = []
     for workload in results["workloads"].values():
         impls = workload["implementations"]
-        sync_rate = (impls.get("sync", {}).get("tasks_per_s") or {}).get("median")
         for index, (impl, data) in enumerate(impls.items()):
             title = workload["title"] if index == 0 else ""
-            label = LABELS.get(impl, impl)
+            label = _label(impl)
             rate = data.get("tasks_per_s")
             if not rate:
-                status = "not supported yet" if impl == "library" else "failed"
-                out.append((title, label, f"{status}: {data['error']}", "", "", ""))
+                out.append((title, label, f"failed: {data['error']}", *[""] * 6))
                 continue
             if data["status"] != "ok":
                 label += f" (then failed: {data['error']})"
+            main, children = data["main_cpu_ms_per_task"], data["children_cpu_ms_per_task"]
             out.append(
                 (
                     title,
                     label,
-                    _spread(rate, 0),
-                    _spread(data.get("cpu_ms_per_task"), 2),
-                    f"{data['peak_rss_mb']['median']:.0f}",
-                    f"{rate['median'] / sync_rate:.2f}x" if sync_rate else "-",
+                    _stats.text(rate, 0),
+                    _stats.text(data.get("cpu_ms_per_task"), 2),
+                    f"{main['median']:.2f} + {children['median']:.2f}",
+                    _stats.text(_ratio(workload, impl, "sync", "cpu_ms_per_task"), 2, "x"),
+                    _stats.text(_ratio(workload, impl, "sync", "tasks_per_s"), 2, "x"),
+                    _stats.text(_ratio(workload, impl, "naive", "tasks_per_s"), 2, "x"),
+                    _stats.text(_ratio(workload, impl, "library", "cpu_ms_per_task"), 2, "x"),
                 )
             )
     return out
@@ -66,15 +94,30 @@ def bridge_rows(results: dict[str, Any], section: str = "ways") -> list[tuple[st
     inline = bridge.get("inline") or {}
     if section == "ways" and "error" in inline:
         return [*map(_way_row, ways), ("loop inline", f"failed: {inline['error']}", "")]
-    if section == "ways" and inline:
+    inline_names = {
+        "ways": ("task_call", "task_apply"),
+        "db": ("library_call", "library_apply", "library_run_sync"),
+    }[section]
+    if inline.get(section):
         ways += [
             (
-                f"{inline['ways'][name]['what']}, loop inline (prefork child, solo)",
-                inline["ways"][name],
+                f"{inline[section][name]['what']}, loop inline (prefork child, solo)",
+                inline[section][name],
             )
-            for name in ("task_call", "task_apply")
+            for name in inline_names
+            if name in inline[section]
         ]
     return [_way_row(way) for way in ways]
+
+
+SWITCH_COLUMNS = ("way to run get + change + commit in process", "greenlet switches per run")
+
+
+def switch_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Greenlet switches per run of the DB body, counted with ``greenlet.settrace`` in the
+    process that runs its loop inline (where every switch is in the calling thread)."""
+    db = ((results.get("bridge") or {}).get("inline") or {}).get("db") or {}
+    return [(way["what"], f"{way['switches']:.1f}") for way in db.values() if "switches" in way]
 
 
 def _way_row(named: tuple[str, dict[str, Any]]) -> tuple[str, ...]:
@@ -90,42 +133,22 @@ BRIDGE_COLUMNS = ("way to run a trivial async body", "us per call", "CPU us per 
 DB_COLUMNS = ("way to run the DB body in process", "us per call", "CPU us per call")
 
 
-def _paired(results: dict[str, Any], workload: str, a: str, b: str, metric: str) -> Any:
-    """Per-round ratios a/b (the two ran in the same round, back to back): median, min, max."""
-    impls = results["workloads"].get(workload, {}).get("implementations", {})
-    if a not in impls or b not in impls:
-        return None
-    pairs = [
-        x[metric] / y[metric]
-        for x, y in zip(impls[a]["rounds"], impls[b]["rounds"], strict=False)
-        if x["failed"] == 0 and y["failed"] == 0 and y[metric]
-    ]
-    if not pairs:
-        return None
-    return {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs)}
-
-
-#: The issue's ratio targets: (name, workload, library vs which, metric, goal, at least?).
+#: The targets: (name, workload, implementation, against, metric, goal, at least?).
 RATIO_TARGETS = (
-    ("DB prefork: tasks/s vs sync pattern", "db-prefork", "sync", "tasks_per_s", 1.15, True),
-    (
-        "DB prefork: CPU per task vs sync pattern",
-        "db-prefork",
-        "sync",
-        "cpu_ms_per_task",
-        1.0,
-        False,
-    ),
-    ("DB prefork: tasks/s vs naive asyncio.run", "db-prefork", "naive", "tasks_per_s", 3.5, True),
-    ("IO gevent -c 100: tasks/s vs sync pattern", "io-gevent", "sync", "tasks_per_s", 1.2, True),
+    ("DB prefork: CPU per task vs sync pattern", "db-prefork", "sync", "cpu_ms_per_task", 1.05),
+    ("DB prefork: tasks/s vs naive asyncio.run", "db-prefork", "naive", "tasks_per_s", 3.5),
+    ("IO threads -c 32: tasks/s vs sync pattern", "io-threads", "sync", "tasks_per_s", 1.0),
+    ("IO gevent -c 100: tasks/s vs sync pattern", "io-gevent", "sync", "tasks_per_s", 1.0),
 )
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets; ratios are judged on the median of per-round paired ratios."""
+    """The library with its defaults against the targets, on the median of paired ratios."""
     out: list[dict[str, Any]] = []
-    for name, workload, other, metric, goal, at_least in RATIO_TARGETS:
-        paired = _paired(results, workload, "library", other, metric)
+    for name, workload, other, metric, goal in RATIO_TARGETS:
+        measured = results["workloads"].get(workload)
+        paired = _ratio(measured, "library", other, metric) if measured else None
+        at_least = metric == "tasks_per_s"
         met = None
         if paired is not None:
             met = paired["median"] >= goal if at_least else paired["median"] <= goal
@@ -153,25 +176,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "value": overhead,
             }
         )
-    for workload in results["workloads"].values():
-        impls = workload["implementations"]
-        lib, sync = impls.get("library", {}), impls.get("sync", {})
-        if lib.get("peak_rss_mb") and sync.get("peak_rss_mb"):
-            extra = lib["peak_rss_mb"]["median"] - sync["peak_rss_mb"]["median"]
-            out.append(
-                {
-                    "name": f"{workload['title']}: peak RSS vs sync pattern",
-                    "target": "<= +10 MB",
-                    "measured": f"{extra:+.1f} MB",
-                    "met": extra <= 10,
-                    "value": extra,
-                }
-            )
     return out
 
 
 def _ratio_text(paired: dict[str, float]) -> str:
-    return f"{paired['median']:.2f}x ({paired['min']:.2f}-{paired['max']:.2f})"
+    return (
+        f"{paired['median']:.2f}x [IQR {paired['q1']:.2f}-{paired['q3']:.2f}, "
+        f"min-max {paired['min']:.2f}-{paired['max']:.2f}, {paired['n']} rounds]"
+    )
 
 
 def _verdict(met: bool | None) -> str:
@@ -201,6 +213,8 @@ def table(results: dict[str, Any]) -> str:
         parts.append(_text_table(BRIDGE_COLUMNS, bridge))
     if db := bridge_rows(results, "db"):
         parts.append(_text_table(DB_COLUMNS, db))
+    if switches := switch_rows(results):
+        parts.append(_text_table(SWITCH_COLUMNS, switches))
     parts.append(
         _text_table(
             ("target", "goal", "measured", "verdict"),
@@ -213,37 +227,23 @@ def table(results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _machine_text(results: dict[str, Any]) -> str:
-    machine = results["machine"]
-    packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
-    load = machine.get("load_average", {})
-    before = ", ".join(f"{x:.2f}" for x in load.get("before", ()))
-    after = ", ".join(f"{x:.2f}" for x in load.get("after", ()))
-    return "\n".join(
-        [
-            f"- CPU: {machine['cpu_model']}, {machine['cpus_usable']} usable of "
-            f"{machine['cpus']} cores; {machine['memory_gb']} GB RAM",
-            f"- {machine['system']}, {machine['python']}, "
-            f"PostgreSQL {machine['postgresql']}, Redis {machine['redis']}",
-            f"- Packages: {packages}; library source: {machine.get('source', 'unknown')}",
-            f"- Load average (1, 5, 15 min) before the run: {before}; after: {after}",
-        ]
-    )
-
-
 def generated_section(results: dict[str, Any], plot_name: str) -> str:
     settings = results["settings"]
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = results.get("measured_at") or datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         BEGIN,
-        f"Measured {when} in {results['duration_s']:.0f} s: {settings['rounds']} rounds, "
-        f"{settings['tasks']} tasks per DB batch, {settings['io_tasks']} per IO-bound batch, "
-        f"{settings['bridge_calls']} calls per bridge round. "
-        "Each cell: median (min-max over rounds).",
+        f"Measured {when} in {results['duration_s']:.0f} s: {settings['rounds']} rounds of "
+        f"{settings['tasks']} tasks per DB batch, {settings.get('io_rounds')} rounds of "
+        f"{settings['io_tasks']} per IO-bound batch and of {settings['bridge_calls']} calls "
+        "in process; the other workers "
+        + ("stopped" if settings.get("paused", True) else "left running (idle)")
+        + " while one was measured. Each cell: median [interquartile range] over rounds; "
+        "ratios are medians of per-round ratios (both batches in the same round). The machine "
+        "is shared with other test runs: absolute figures are noisy, ratios much less.",
         "",
         "### Machine",
         "",
-        _machine_text(results),
+        _machine.text(results),
     ]
     if workers := rows(results):
         parts += ["", "### Workers", "", _markdown_table(COLUMNS, workers)]
@@ -257,12 +257,14 @@ def generated_section(results: dict[str, Any], plot_name: str) -> str:
         ]
     if db := bridge_rows(results, "db"):
         parts += ["", "### The DB body in one process", "", _markdown_table(DB_COLUMNS, db)]
+    if switches := switch_rows(results):
+        parts += ["", "### Greenlet switches", "", _markdown_table(SWITCH_COLUMNS, switches)]
     parts += [
         "",
         "### Targets",
         "",
-        "Ratios are the median of per-round ratios (the two implementations ran back to back in "
-        "each round), with their min-max.",
+        "The library with its defaults. Ratios are the median of per-round ratios (both "
+        "batches ran in the same round), with their interquartile range and min-max.",
         "",
         _markdown_table(
             ("target", "goal", "measured", "verdict"),

@@ -64,6 +64,13 @@ def _panel(
 
 
 SHORT = {"library": "library", "sync": "sync", "naive": "naive", "noop": "no-op"}
+
+
+def _short(name: str) -> str:
+    """``library-uvloop`` -> ``uvloop``: the variant, under a panel that says library."""
+    return SHORT.get(name) or name.removeprefix("library-")
+
+
 BRIDGE_SHORT = {
     "await": "await",
     "run_until_complete": "loop.run",
@@ -81,6 +88,8 @@ DB_SHORT = {
     "library_apply": "library .apply",
     "sync": "plain sync",
     "sync_apply": "sync pattern .apply",
+    "asyncio_run_sync": "asyncio run_sync",
+    "library_run_sync": "library run_sync",
 }
 
 
@@ -92,15 +101,19 @@ def plot(results: dict[str, Any]) -> str:
     """Row 1: tasks/s per workload; row 2: CPU ms per task; row 3: the bridge, us per call."""
     parts: list[str] = []
     workloads = list(results["workloads"].values())
-    for column, workload in enumerate(workloads):
+    x = 0.0
+    for workload in workloads:
+        impls = workload["implementations"]
+        width = max(WIDTH, LEFT + 52 * len(impls))
         for row, (metric, unit) in enumerate(
             (("tasks_per_s", "tasks/s"), ("cpu_ms_per_task", "CPU ms per task"))
         ):
             bars = [
-                (SHORT.get(name, name), COLORS.get(name, "#999"), data.get(metric))
-                for name, data in workload["implementations"].items()
+                (_short(name), COLORS.get(name.partition("-")[0], "#999"), data.get(metric))
+                for name, data in impls.items()
             ]
-            parts += _panel(column * WIDTH, row * HEIGHT, f"{workload['title']}: {unit}", bars)
+            parts += _panel(x, row * HEIGHT, f"{workload['title']}: {unit}", bars, width)
+        x += width
     rows = 2 if workloads else 0
     bridge = results.get("bridge") or {}
     if "ways" in bridge:
@@ -124,7 +137,7 @@ def plot(results: dict[str, Any]) -> str:
         title = "The DB body in one process: CPU us per call"
         parts += _panel(0, rows * HEIGHT, title, bars, WIDTH * 3)
         rows += 1
-    width = WIDTH * max(len(workloads), 3)
+    total_width = max(x, WIDTH * 3)
     height = HEIGHT * max(rows, 1)
     style = (
         "text{font-family:sans-serif;font-size:11px;text-anchor:middle;fill:#1a202c}"
@@ -133,10 +146,10 @@ def plot(results: dict[str, Any]) -> str:
     )
     return "\n".join(
         [
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}">',
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_width:.0f}" '
+            f'height="{height}" viewBox="0 0 {total_width:.0f} {height}">',
             f"<style>{style}</style>",
-            f'<rect width="{width}" height="{height}" fill="white"/>',
+            f'<rect width="{total_width:.0f}" height="{height}" fill="white"/>',
             *parts,
             "</svg>",
             "",

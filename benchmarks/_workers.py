@@ -1,22 +1,24 @@
 """Workloads (a) and (b): every implementation in a real ``celery worker``, round after round.
 
-The workers of one workload run side by side, each on a queue of its own. A batch is
-published while its worker is not consuming (``cancel_consumer``), then released
-(``add_consumer``), so the publisher never limits the worker. Tasks per second are counted
-between the first and the last result the worker stored (``date_done``); CPU is the worker
-process tree's user + system time over the batch; memory is read from ``/proc`` after it.
+The workers of one workload are started side by side, each on a queue of its own. A batch
+is published while its worker is not consuming (``cancel_consumer``), then released
+(``add_consumer``), so the publisher never limits the worker; while it runs, the other
+workers are stopped (SIGSTOP) so that their idle loops do not share the two cores with it
+(``--no-pause`` keeps them running, and then counts the CPU they used). Tasks per second
+are counted between the first and the last result the worker stored (``date_done``); CPU is
+the worker's user + system time over the batch, its main process and its pool children
+apart; memory is read from ``/proc`` after it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import statistics
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -26,16 +28,10 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from async_session_task.testing import WorkerProcess, worker_process
 from benchmarks import _db, _proc
 from benchmarks._apps import TASK_NAME, make_app
+from benchmarks._stats import Outcome, Sample
+from benchmarks._variants import IMPLEMENTATIONS, Implementation
 
 logger = logging.getLogger("benchmarks")
-
-#: name -> (worker module, first row id of its counters; None: it touches no row)
-IMPLEMENTATIONS: dict[str, tuple[str, int | None]] = {
-    "library": ("benchmarks.impl_library", 1_000_000),
-    "sync": ("benchmarks.impl_sync", 2_000_000),
-    "naive": ("benchmarks.impl_naive", 3_000_000),
-    "noop": ("benchmarks.impl_noop", None),
-}
 
 
 @dataclass(frozen=True)
@@ -57,63 +53,32 @@ WORKLOADS = {
 }
 
 
-@dataclass
-class Sample:
-    """One batch of one implementation."""
-
-    tasks_per_s: float
-    cpu_ms_per_task: float
-    peak_rss_mb: float
-    pss_mb: float
-    wall_s: float
-    succeeded: int
-    failed: int
-
-
-@dataclass
-class Outcome:
-    """Everything one implementation did in one workload."""
-
-    samples: list[Sample] = field(default_factory=list)
-    sent: int = 0
-    succeeded: int = 0
-    error: str | None = None  #: why it stopped being measured, if it did
-    db_check: str | None = None  #: "ok", or what the counters say instead
-
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "status": "ok" if self.error is None else "failed",
-            "error": self.error,
-            "sent": self.sent,
-            "succeeded": self.succeeded,
-            "db_check": self.db_check,
-            "rounds": [vars(s) for s in self.samples],
-        }
-        for metric in ("tasks_per_s", "cpu_ms_per_task", "peak_rss_mb", "pss_mb"):
-            values = [getattr(s, metric) for s in self.samples if s.failed == 0]
-            if values:
-                out[metric] = {
-                    "median": statistics.median(values),
-                    "min": min(values),
-                    "max": max(values),
-                }
-        return out
-
-
 class Driver:
     """Publishes batches and collects their results; never subscribes to result channels."""
 
-    def __init__(self) -> None:
+    def __init__(self, pause: bool = True) -> None:
         # Publishing through an app with a result backend would subscribe to one Redis
         # channel per task (Celery's on_task_call); a separate reader polls the results.
         self.sender: Celery = make_app("bench_driver", backend=False)
         self.reader: Celery = make_app("bench_reader")
+        self.pause = pause
 
     def batch(
-        self, worker: WorkerProcess, tasks: int, wait: float, first_row: int, timeout: float
+        self,
+        worker: WorkerProcess,
+        impl: Implementation,
+        tasks: int,
+        wait: float,
+        timeout: float,
+        *,
+        number: int = 0,
+        idle: Sequence[int] = (),
+        database: str | None = None,
     ) -> tuple[Sample, str | None]:
+        """Run one batch on ``worker``; ``idle`` are the pids of the other workers."""
         control, node = self.sender.control, [worker.nodename]
         control.cancel_consumer(worker.queue, destination=node, reply=True, timeout=10)
+        first_row = impl.first_row or 0
         ids = []
         with self.sender.producer_or_acquire() as producer:
             for index in range(tasks):
@@ -122,31 +87,49 @@ class Driver:
                 )
                 ids.append(result.id)
         pid = worker.process.pid
-        cpu = _proc.cpu_seconds(pid)
-        start = time.perf_counter()
-        control.add_consumer(worker.queue, destination=node, reply=True, timeout=10)
-        metas: list[dict[str, Any]] = []
-        error = None
+        # Without results, the counters tell when the batch is done: read them before it starts.
+        counted = None if impl.store_results else _db.counter_sum(database or "", first_row)
+        before_total = None if self.pause else sum(_proc.cpu_seconds(p) for p in idle)
+        if self.pause:
+            _proc.pause(list(idle), True)
         try:
-            for _, meta in self.reader.backend.get_many(ids, timeout=timeout, interval=0.05):
-                metas.append(meta)
-        except ResultTimeout:
-            error = f"timed out after {timeout:.0f} s with {len(metas)} of {tasks} tasks done"
-            if logged := _last_error(worker.log, "").removeprefix(": "):
-                error += f"; worker log: {logged}"
-        wall = time.perf_counter() - start
-        cpu = _proc.cpu_seconds(pid) - cpu
+            cpu = _proc.cpu(pid)
+            start = time.perf_counter()
+            control.add_consumer(worker.queue, destination=node, reply=True, timeout=10)
+            if impl.store_results:
+                metas, error = self._results(ids, timeout, worker)
+            else:
+                assert database is not None
+                assert counted is not None
+                metas, error = _counted(database, first_row, counted, tasks, timeout, start)
+            wall = time.perf_counter() - start
+            if not impl.store_results and error is None:
+                # The last commit is not the end of the last task: count the CPU of its end
+                # too, and do not stop the worker for the next batch before it is done.
+                self._settle(worker, timeout)
+            elif not impl.store_results and (logged := _last_error(worker.log, "")):
+                error = f"{error}; worker log{logged}"
+            cpu = _proc.cpu(pid) - cpu
+        finally:
+            if self.pause:
+                _proc.pause(list(idle), False)
+        idle_cpu = 0.0 if before_total is None else sum(map(_proc.cpu_seconds, idle)) - before_total
         memory = _proc.memory(pid)
         failures = [m for m in metas if m["status"] != "SUCCESS"]
         if failures and error is None:
             first = failures[0]["result"]
             error = f"{len(failures)} of {tasks} tasks failed, e.g. {type(first).__name__}: {first}"
-        done = sorted(datetime.fromisoformat(m["date_done"]) for m in metas)
+        done = sorted(m["date_done"] for m in metas if m.get("date_done"))
         span = (done[-1] - done[0]).total_seconds() if len(done) > 1 else 0.0
-        rate = (len(done) - 1) / span if span > 0 else len(done) / wall
+        rate = (len(done) - 1) / span if span > 0 else len(metas) / wall
+        count = max(len(metas), 1)
         sample = Sample(
+            round=number,
             tasks_per_s=rate,
-            cpu_ms_per_task=1000 * cpu / max(len(metas), 1),
+            cpu_ms_per_task=1000 * cpu.total / count,
+            main_cpu_ms_per_task=1000 * cpu.main / count,
+            children_cpu_ms_per_task=1000 * cpu.children / count,
+            idle_cpu_ms_per_task=1000 * idle_cpu / count,
             peak_rss_mb=memory.peak_rss_mb,
             pss_mb=memory.pss_mb,
             wall_s=wall,
@@ -160,9 +143,45 @@ class Driver:
             self.purge(worker.queue)
         return sample, error
 
+    def _results(
+        self, ids: list[str], timeout: float, worker: WorkerProcess
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        metas: list[dict[str, Any]] = []
+        try:
+            for _, meta in self.reader.backend.get_many(ids, timeout=timeout, interval=0.05):
+                meta["date_done"] = datetime.fromisoformat(meta["date_done"])
+                metas.append(meta)
+        except ResultTimeout:
+            error = f"timed out after {timeout:.0f} s with {len(metas)} of {len(ids)} tasks done"
+            if logged := _last_error(worker.log, "").removeprefix(": "):
+                error += f"; worker log: {logged}"
+            return metas, error
+        return metas, None
+
+    def _settle(self, worker: WorkerProcess, timeout: float) -> None:
+        """Wait until ``worker`` runs no task (asked through ``inspect active``)."""
+        inspect = self.sender.control.inspect(destination=[worker.nodename], timeout=5)
+        deadline = time.monotonic() + timeout
+        while any((inspect.active() or {}).values()) and time.monotonic() < deadline:
+            pass  # each inspect call is itself a round trip to the worker
+
     def purge(self, queue: str) -> None:
         with self.sender.connection_for_write() as connection:
             connection.default_channel.queue_purge(queue)
+
+
+def _counted(
+    database: str, first_row: int, before: int, tasks: int, timeout: float, start: float
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Without stored results: wait until the counters from ``first_row``, which summed to
+    ``before`` when the batch was published, went up by ``tasks``."""
+    deadline = start + timeout
+    while (done := _db.counter_sum(database, first_row) - before) < tasks:
+        if time.perf_counter() > deadline:
+            metas = [{"status": "SUCCESS"}] * done
+            return metas, f"timed out after {timeout:.0f} s with {done} of {tasks} tasks done"
+        time.sleep(0.02)  # polling PostgreSQL, not waiting for the worker to be ready
+    return [{"status": "SUCCESS"}] * tasks, None
 
 
 @contextlib.contextmanager
@@ -170,20 +189,21 @@ def start_workers(
     driver: Driver, workload: Workload, names: Sequence[str], database: str
 ) -> Iterator[tuple[dict[str, WorkerProcess], dict[str, str]]]:
     """Start one worker per implementation, all at once; yield them and why any did not start."""
-    managers = {
-        name: worker_process(
+    managers = {}
+    for name in names:
+        impl = IMPLEMENTATIONS[name]
+        env = {**impl.env, "AST_BENCH_DATABASE": database}
+        if not impl.store_results:
+            env["AST_BENCH_IGNORE_RESULT"] = "1"
+        managers[name] = worker_process(
             driver.sender,
-            IMPLEMENTATIONS[name][0],
+            impl.module,
             pool=workload.pool,
             concurrency=workload.concurrency,
-            env={"AST_BENCH_DATABASE": database},
-            # Per-task INFO lines would cost every implementation the same CPU and hide
-            # the differences being measured.
-            args=("-l", "WARNING"),
+            env=env,
+            args=("-l", impl.log_level),
             name=f"bench-{name}-{uuid.uuid4().hex[:8]}",
         )
-        for name in names
-    }
     started: dict[str, WorkerProcess] = {}
     errors: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
@@ -200,6 +220,15 @@ def start_workers(
         yield started, errors
 
 
+def order(names: Sequence[str], number: int) -> list[str]:
+    """Round ``number``'s order: every other round reverses the one before, and each pair of
+    rounds starts one place further along, so every pair runs in both orders (AB, BA, ...)
+    and each implementation takes every place in turn."""
+    shift = (number // 2) % len(names)
+    rotated = [*names[shift:], *names[:shift]]
+    return rotated[::-1] if number % 2 else rotated
+
+
 def run_workload(
     driver: Driver,
     workload: Workload,
@@ -210,28 +239,34 @@ def run_workload(
     database: str,
     timeout: float,
 ) -> dict[str, Outcome]:
-    """Run ``rounds`` rounds; each round runs one batch per implementation, in rotated order."""
+    """Run ``rounds`` rounds; each round runs one batch per implementation."""
     outcomes = {name: Outcome() for name in names}
     _db.reset_counters(database)
     with start_workers(driver, workload, names, database) as (workers, errors):
         for name, reason in errors.items():
             outcomes[name].error = reason
+        pids = {name: worker.process.pid for name, worker in workers.items()}
         for number in range(rounds):
-            order = [*names[number % len(names) :], *names[: number % len(names)]]
-            for name in order:
+            for name in order(names, number):
                 outcome = outcomes[name]
                 if outcome.error is not None:
                     continue
-                first_row = IMPLEMENTATIONS[name][1] or 0
                 sample, error = driver.batch(
-                    workers[name], tasks, workload.wait, first_row, timeout
+                    workers[name],
+                    IMPLEMENTATIONS[name],
+                    tasks,
+                    workload.wait,
+                    timeout,
+                    number=number,
+                    idle=[pid for other, pid in pids.items() if other != name],
+                    database=database,
                 )
                 outcome.samples.append(sample)
                 outcome.sent += tasks
                 outcome.succeeded += sample.succeeded
                 outcome.error = error
                 logger.info(
-                    "%s round %d %-8s %7.1f tasks/s %6.2f ms CPU/task%s",
+                    "%s round %d %-24s %7.1f tasks/s %6.2f ms CPU/task%s",
                     workload.name,
                     number + 1,
                     name,
@@ -246,7 +281,7 @@ def run_workload(
 
 def _check_counters(database: str, name: str, outcome: Outcome) -> None:
     """Each success incremented one counter once: the sum must equal the successes."""
-    first_row = IMPLEMENTATIONS[name][1]
+    first_row = IMPLEMENTATIONS[name].first_row
     if first_row is not None:
         total = _db.counter_sum(database, first_row)
         ok = total == outcome.succeeded

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import greenlet
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from async_session_task import AsyncSessionTask, _runtime
@@ -118,9 +119,10 @@ def db_ways(rows: int) -> Iterator[dict[str, tuple[str, Way]]]:
     # Imported here: they read the bench database's URL, which only a benchmark run sets.
     from benchmarks import impl_library, impl_sync
     from benchmarks._model import Counter
-    from benchmarks._workers import IMPLEMENTATIONS
+    from benchmarks._variants import IMPLEMENTATIONS
 
-    library_rows, sync_rows = IMPLEMENTATIONS["library"][1], IMPLEMENTATIONS["sync"][1]
+    library_rows = IMPLEMENTATIONS["library"].first_row
+    sync_rows = IMPLEMENTATIONS["sync"].first_row
     assert library_rows is not None
     assert sync_rows is not None
     loop = asyncio.new_event_loop()
@@ -134,6 +136,14 @@ def db_ways(rows: int) -> Iterator[dict[str, tuple[str, Way]]]:
             counter.value += 1
             await session.commit()
             return counter.value
+
+    async def plain_run_sync(row_id: int) -> int:
+        async with maker() as session:
+            return await session.run_sync(impl_library.change, row_id)
+
+    @app.task(bind=True, base=AsyncSessionTask)
+    async def library_run_sync(self: AsyncSessionTask, row_id: int) -> int:
+        return await self.session.run_sync(impl_library.change, row_id)
 
     def plain_sync(row_id: int) -> int:
         with impl_sync.SessionLocal() as session:
@@ -149,9 +159,17 @@ def db_ways(rows: int) -> Iterator[dict[str, tuple[str, Way]]]:
                 "plain SQLAlchemy asyncio + asyncpg: loop.run_until_complete in this thread",
                 _each(lambda i: loop.run_until_complete(plain_async(library_rows + i % rows))),
             ),
+            "asyncio_run_sync": (
+                "plain SQLAlchemy asyncio + asyncpg, the ORM work in one session.run_sync()",
+                _each(lambda i: loop.run_until_complete(plain_run_sync(library_rows + i % rows))),
+            ),
             "library_call": (
                 "AsyncSessionTask called directly: task(row, 0)",
                 _each(lambda i: impl_library.work(library_rows + i % rows, 0)),
+            ),
+            "library_run_sync": (
+                "AsyncSessionTask called directly, the ORM work in one session.run_sync()",
+                _each(lambda i: library_run_sync(library_rows + i % rows)),
             ),
             "library_apply": (
                 "AsyncSessionTask through Celery's eager tracer: task.apply()",
@@ -173,8 +191,28 @@ def db_ways(rows: int) -> Iterator[dict[str, tuple[str, Way]]]:
         impl_sync.engine.dispose()
 
 
-def measure(ways: dict[str, tuple[str, Way]], calls: int, rounds: int) -> dict[str, Any]:
-    """Wall and CPU microseconds per call of every way: per round, median, min and max."""
+def switches(way: Way, calls: int = 20) -> float:
+    """Greenlet switches per call of ``way`` in this thread (``greenlet.settrace``)."""
+    count = 0
+
+    def trace(event: str, args: Any) -> None:
+        nonlocal count
+        if event in ("switch", "throw"):
+            count += 1
+
+    previous = greenlet.settrace(trace)
+    try:
+        way(calls)
+    finally:
+        greenlet.settrace(previous)
+    return count / calls
+
+
+def measure(
+    ways: dict[str, tuple[str, Way]], calls: int, rounds: int, count_switches: bool = False
+) -> dict[str, Any]:
+    """Wall and CPU microseconds per call of every way: per round, median, min and max;
+    with ``count_switches``, the greenlet switches per call too (this thread's only)."""
     for _, run_way in ways.values():
         run_way(10)  # warm up: starts the loop thread, resolves session factories, connects
     wall: dict[str, list[float]] = {name: [] for name in ways}
@@ -196,6 +234,7 @@ def measure(ways: dict[str, tuple[str, Way]], calls: int, rounds: int) -> dict[s
             "cpu_median": statistics.median(cpu[name]),
             "cpu_min": min(cpu[name]),
             "cpu_max": max(cpu[name]),
+            **({"switches": switches(ways[name][1])} if count_switches else {}),
         }
         for name in ways
     }
@@ -220,7 +259,8 @@ def run(calls: int, db_calls: int, rows: int, rounds: int, inline: bool = False)
     if db_calls:
         result["db_calls"] = db_calls
         with db_ways(rows) as ways_with_db:
-            result["db"] = measure(ways_with_db, db_calls, rounds)
+            # Where the loop runs inline, every switch happens in this thread: counted.
+            result["db"] = measure(ways_with_db, db_calls, rounds, count_switches=inline)
     return result
 
 

@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import _db
-from benchmarks._workers import IMPLEMENTATIONS, WORKLOADS, Driver, start_workers
+from benchmarks._variants import IMPLEMENTATIONS
+from benchmarks._workers import WORKLOADS, Driver, start_workers
 
 
 def _frame(frame: str) -> str:
@@ -89,7 +90,8 @@ def main() -> None:
     if py_spy is None:
         parser.error("py-spy is not installed: pip install -e '.[bench]'")
     workload = WORKLOADS[options.workload]
-    first_row = IMPLEMENTATIONS[options.implementation][1]
+    impl = IMPLEMENTATIONS[options.implementation]
+    first_row = impl.first_row
     driver = Driver()
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -99,7 +101,7 @@ def main() -> None:
         if errors:
             raise SystemExit(errors[options.implementation])
         worker = workers[options.implementation]
-        driver.batch(worker, options.tasks, workload.wait, first_row or 0, 300)  # warm up
+        driver.batch(worker, impl, options.tasks, workload.wait, 300, database=database)  # warm
         raw = options.raw or Path(tmp) / "stacks.txt"
         command = [
             py_spy, "record", "--pid", str(worker.process.pid), "--rate", str(options.rate),
@@ -109,7 +111,7 @@ def main() -> None:
         try:
             for _ in range(options.batches):
                 sample, error = driver.batch(
-                    worker, options.tasks, workload.wait, first_row or 0, 300
+                    worker, impl, options.tasks, workload.wait, 300, database=database
                 )
                 rate, cpu = sample.tasks_per_s, sample.cpu_ms_per_task
                 print(f"{rate:.0f} tasks/s, {cpu:.2f} ms CPU per task", error or "")

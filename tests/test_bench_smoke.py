@@ -10,28 +10,33 @@ from typing import Any
 
 import pytest
 
-from benchmarks._workers import IMPLEMENTATIONS, WORKLOADS
+from benchmarks._variants import DEFAULTS, IMPLEMENTATIONS
+from benchmarks._workers import WORKLOADS
 from benchmarks.bridge import WAYS
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parent.parent
-METRICS = ("tasks_per_s", "cpu_ms_per_task", "peak_rss_mb", "pss_mb")
+METRICS = ("tasks_per_s", "cpu_ms_per_task", "main_cpu_ms_per_task", "peak_rss_mb", "pss_mb")
+SPREAD = {"median", "q1", "q3", "min", "max", "n"}
 
 
-@pytest.fixture(scope="module")
-def results(services: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("bench")
+def bench(out: Path, *args: str) -> dict[str, Any]:
     command = [
-        sys.executable, "-m", "benchmarks",
-        "--rounds", "2", "--tasks", "12", "--io-tasks", "12",
-        "--bridge-calls", "20", "--db-calls", "4", "--timeout", "30",
-        "--json", str(out / "latest.json"), "--docs", str(out / "docs"),
+        sys.executable, "-m", "benchmarks", "--rounds", "2", "--tasks", "12", "--timeout", "30",
+        "--json", str(out / "latest.json"), "--docs", str(out / "docs"), *args,
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data: dict[str, Any] = json.loads((out / "latest.json").read_text())
     data["_stdout"] = done.stdout
+    return data
+
+
+@pytest.fixture(scope="module")
+def results(services: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    data = bench(out, "--io-tasks", "12", "--bridge-calls", "20", "--db-calls", "4")
     data["_docs"] = (out / "docs" / "performance.md").read_text()
     data["_plot"] = (out / "docs" / "performance.svg").read_text()
     return data
@@ -40,31 +45,53 @@ def results(services: None, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 @pytest.mark.parametrize("workload", ["db-prefork", "io-threads"])
 def test_every_implementation_completes_its_tasks(results: dict[str, Any], workload: str) -> None:
     data = results["workloads"][workload]
-    assert list(data["implementations"]) == list(IMPLEMENTATIONS)
+    assert list(data["implementations"]) == list(DEFAULTS[workload])
     for name, impl in data["implementations"].items():
         assert impl["status"] == "ok", (name, impl["error"])
         assert impl["sent"] == impl["succeeded"] == 2 * 12, name
-        assert len(impl["rounds"]) == 2, name
-        assert all(metric in impl for metric in METRICS), name
+        assert [sample["round"] for sample in impl["rounds"]] == [0, 1], name
+        assert all(set(impl[metric]) >= SPREAD for metric in METRICS), name
         # Each success incremented one counter row once (the no-op task touches none).
-        assert impl["db_check"] == ("ok" if IMPLEMENTATIONS[name][1] is not None else None), name
+        expected = None if IMPLEMENTATIONS[name].first_row is None else "ok"
+        assert impl["db_check"] == expected, name
+        for sample in impl["rounds"]:
+            parts = sample["main_cpu_ms_per_task"] + sample["children_cpu_ms_per_task"]
+            assert parts == pytest.approx(sample["cpu_ms_per_task"]), name
+            # The other workers were stopped while this one was measured.
+            assert sample["idle_cpu_ms_per_task"] == 0.0, name
+
+
+def test_every_ratio_is_paired_by_round(results: dict[str, Any]) -> None:
+    ratios = results["workloads"]["db-prefork"]["ratios"]
+    assert set(ratios) == set(DEFAULTS["db-prefork"])
+    for name, against in ratios.items():
+        # Variants of the library are also divided by the library's defaults.
+        library = {"library"} if name.startswith("library-") else set()
+        assert set(against) == ({"sync", "naive"} | library) - {name}, name
+        for metrics in against.values():
+            for value in metrics.values():
+                assert set(value) >= SPREAD
+                assert len(value["rounds"]) == value["n"] == 2
+                assert value["min"] <= value["q1"] <= value["median"] <= value["q3"] <= value["max"]
+    target = results["targets"][0]
+    assert target["name"].startswith("DB prefork: CPU per task vs sync")
+    assert target["value"] == ratios["library"]["sync"]["cpu_ms_per_task"]
 
 
 def test_gevent_workload_reports_each_implementation(results: dict[str, Any]) -> None:
     impls = results["workloads"]["io-gevent"]["implementations"]
+    # uvloop has no place in a gevent worker: its variant is not run there.
+    assert list(impls) == list(DEFAULTS["io-gevent"])
     for name in ("sync", "noop"):
         assert impls[name]["status"] == "ok", (name, impls[name]["error"])
         assert impls[name]["succeeded"] == impls[name]["sent"] == 2 * 12
     # asyncio.run() cannot run in a gevent worker: every greenlet shares the OS thread's loop.
     assert impls["naive"]["status"] == "failed"
     assert "asyncio.run() cannot be called from a running event loop" in impls["naive"]["error"]
-    # The library's row is measured when it works, and says why when it does not.
     library = impls["library"]
-    if library["status"] == "ok":
-        assert library["succeeded"] == library["sent"] == 2 * 12
-        assert library["db_check"] == "ok"
-    else:
-        assert library["error"], library
+    assert library["status"] == "ok", library["error"]
+    assert library["succeeded"] == library["sent"] == 2 * 12
+    assert library["db_check"] == "ok"
 
 
 def test_in_process_measures_every_way(results: dict[str, Any]) -> None:
@@ -78,22 +105,56 @@ def test_in_process_measures_every_way(results: dict[str, Any]) -> None:
     # The same ways in a process that runs its loop inline, as prefork children do.
     assert set(bridge["inline"]["ways"]) == set(WAYS)
     assert isinstance(bridge["inline"]["overhead_us"], float)
-    # The DB body in process: each of the five ways ran (and committed) against PostgreSQL.
-    assert set(bridge["db"]) == {"asyncio", "library_call", "library_apply", "sync", "sync_apply"}
+    # The DB body in process: each way ran (and committed) against PostgreSQL.
+    db_ways = {
+        "asyncio",
+        "asyncio_run_sync",
+        "library_call",
+        "library_run_sync",
+        "library_apply",
+        "sync",
+        "sync_apply",
+    }
+    assert set(bridge["db"]) == set(bridge["inline"]["db"]) == db_ways
     assert all(way["cpu_median"] > 0 for way in bridge["db"].values())
+    # Greenlet switches, counted where the loop runs in the calling thread.
+    switches = {name: way["switches"] for name, way in bridge["inline"]["db"].items()}
+    assert switches["sync"] == switches["sync_apply"] == 0
+    assert switches["library_call"] > switches["asyncio"] > 0
 
 
 def test_report_states_machine_targets_and_table(results: dict[str, Any]) -> None:
     machine = results["machine"]
     assert machine["cpus"] >= 1
     assert machine["packages"]["celery"] != "not installed"
+    assert machine["packages"]["uvloop"] != "not installed"
     assert set(machine["load_average"]) == {"before", "after"}
     names = [target["name"] for target in results["targets"]]
     assert any("naive" in name for name in names)
     assert any("Bridge" in name for name in names)
-    assert "async_session_task" in results["_stdout"]
+    assert "async_session_task + uvloop" in results["_stdout"]
+    assert "greenlet switches per run" in results["_docs"]
     for workload in WORKLOADS.values():
         assert workload.title in results["_docs"]
     assert "<!-- bench:begin -->" in results["_docs"]
     assert results["_plot"].startswith("<svg")
     assert "<rect" in results["_plot"]
+
+
+def test_what_harnesses_may_count_differently(
+    services: None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Results not stored (the driver watches the counters), an INFO log, idle workers left
+    running: each still measured, and the idle workers' CPU counted."""
+    out = tmp_path_factory.mktemp("bench-factors")
+    names = "library-noresult,sync-info"
+    data = bench(out, "--workloads", "db-prefork", "--implementations", names, "--no-pause")
+    assert data["settings"]["paused"] is False
+    impls = data["workloads"]["db-prefork"]["implementations"]
+    assert list(impls) == names.split(",")
+    for name, impl in impls.items():
+        assert impl["status"] == "ok", (name, impl["error"])
+        assert impl["succeeded"] == 2 * 12
+        assert impl["db_check"] == "ok", name
+        assert all(sample["idle_cpu_ms_per_task"] >= 0 for sample in impl["rounds"])
+    assert "bridge" not in data

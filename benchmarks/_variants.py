@@ -1,0 +1,133 @@
+"""The implementations a workload runs side by side: each a worker module and its settings.
+
+Variants of one module differ only by environment variables, read by the module at import
+(``impl_library``: driver, engine options, event loop, body; ``_apps``: result storage).
+Each implementation has a range of counter rows of its own, so the counters prove that every
+success incremented one row once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    label: str  #: as shown in the tables
+    module: str
+    first_row: int | None  #: first counter row; None: it touches no row
+    env: dict[str, str] = field(default_factory=dict)
+    log_level: str = "WARNING"
+    store_results: bool = True
+    #: Pools it runs on; empty: every pool.
+    pools: tuple[str, ...] = ()
+
+    def runs_on(self, pool: str) -> bool:
+        return not self.pools or pool in self.pools
+
+
+def _library(name: str, label: str, index: int, **settings: Any) -> Implementation:
+    env = {f"AST_BENCH_{key.upper()}": value for key, value in settings.items() if key != "opts"}
+    if "opts" in settings:
+        env["AST_BENCH_ENGINE_OPTIONS"] = json.dumps(settings["opts"])
+    pools = ("prefork", "threads") if settings.get("loop") == "uvloop" else ()
+    return Implementation(
+        name, label, "benchmarks.impl_library", 1_000_000 * index, env, pools=pools
+    )
+
+
+#: asyncpg's statement cache and SQLAlchemy's cache of its prepared statements, both off
+#: (what PgBouncer's transaction mode needs, docs/deployment.md).
+ASYNCPG_NO_CACHE = {"connect_args": {"statement_cache_size": 0, "prepared_statement_cache_size": 0}}
+#: psycopg 3 prepares a statement server-side after 5 executions; None: never.
+PSYCOPG_NO_CACHE = {"connect_args": {"prepare_threshold": None}}
+
+_ALL = [
+    _library("library", "async_session_task", 1),
+    _library(
+        "library-preping",
+        "async_session_task, pool_pre_ping=True",
+        2,
+        opts={"pool_pre_ping": True},
+    ),
+    _library("library-uvloop", "async_session_task + uvloop", 3, loop="uvloop"),
+    _library("library-psycopg", "async_session_task on psycopg 3 async", 4, driver="psycopg"),
+    _library(
+        "library-runsync", "async_session_task, one session.run_sync() block", 5, body="run_sync"
+    ),
+    _library(
+        "library-nocache",
+        "async_session_task, asyncpg statement caches off",
+        6,
+        opts=ASYNCPG_NO_CACHE,
+    ),
+    _library(
+        "library-psycopg-nocache",
+        "async_session_task on psycopg 3 async, prepare off",
+        7,
+        driver="psycopg",
+        opts=PSYCOPG_NO_CACHE,
+    ),
+    _library(
+        "library-tuned",
+        "async_session_task tuned: uvloop, run_sync(), no pre-ping",
+        8,
+        loop="uvloop",
+        body="run_sync",
+        opts={"pool_pre_ping": False},
+    ),
+    Implementation("sync", "sync pattern (psycopg 3)", "benchmarks.impl_sync", 20_000_000),
+    Implementation("naive", "naive asyncio.run", "benchmarks.impl_naive", 21_000_000),
+    Implementation("noop", "no-op (Celery alone)", "benchmarks.impl_noop", None),
+]
+# What two harnesses may count differently: the log level, storing results (--long).
+_ALL += [
+    Implementation(
+        f"{base.name}-info",
+        f"{base.label}, -l INFO",
+        base.module,
+        base.first_row + 10_000_000,
+        log_level="INFO",
+    )
+    for base in _ALL[:1] + _ALL[8:9]
+    if base.first_row is not None
+]
+_ALL += [
+    Implementation(
+        f"{base.name}-noresult",
+        f"{base.label}, results not stored",
+        base.module,
+        base.first_row + 11_000_000,
+        store_results=False,
+    )
+    for base in _ALL[:1] + _ALL[8:9]
+    if base.first_row is not None
+]
+
+IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in _ALL}
+#: What every ratio is taken against.
+BASELINES = ("sync", "naive")
+#: Suffixes of variants whose worker settings differ; their ratios are to the baseline with
+#: the same suffix, when it ran.
+FACTORS = ("-info", "-noresult")
+
+#: What ``nox -s bench`` runs per workload; ``--long`` runs every implementation on the DB
+#: workload (the statement caches off, the log level and result storage too).
+DEFAULTS: dict[str, tuple[str, ...]] = {
+    "db-prefork": (
+        "library",
+        "library-preping",
+        "library-uvloop",
+        "library-psycopg",
+        "library-runsync",
+        "library-tuned",
+        "sync",
+        "naive",
+        "noop",
+    ),
+    "io-threads": ("library", "library-uvloop", "sync", "naive", "noop"),
+    "io-gevent": ("library", "sync", "naive", "noop"),
+}
