@@ -55,6 +55,8 @@ SHUTDOWN_PROBLEMS = (
     "was not closed",
     "never awaited",
     "still registered at shutdown",
+    "Unclosed",
+    "Task was destroyed but it is pending",
 )
 
 

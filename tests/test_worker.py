@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from celery import group
 
+from async_session_task.testing import SHUTDOWN_PROBLEMS
 from tests.apps import maker_app, pg_app
 from tests.conftest import ServiceWorker, StartWorker, pg_query
 
@@ -16,12 +17,6 @@ pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 POOLS = ["prefork", "solo", "threads"]
 WAIT = 90
 # Printed by asyncio/asyncpg/SQLAlchemy when a loop or connection is not shut down properly.
-SHUTDOWN_NOISE = (
-    "Event loop is closed",
-    "was not closed",
-    "never awaited",
-    "still registered at shutdown",
-)
 
 
 def notes(worker: ServiceWorker, key: str) -> list[str]:
@@ -39,7 +34,7 @@ def assert_clean_stop(worker: ServiceWorker) -> None:
     assert worker.worker.stop() == 0
     assert worker.connections() == []
     log = worker.worker.log
-    assert not [noise for noise in SHUTDOWN_NOISE if noise in log], log[-3000:]
+    assert not [noise for noise in SHUTDOWN_PROBLEMS if noise in log], log[-3000:]
     after_shutdown = log.rpartition("Warm shutdown")[2]
     assert "Traceback" not in after_shutdown, after_shutdown
 
