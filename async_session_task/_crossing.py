@@ -105,17 +105,23 @@ class Crossing:
             self._error = error
             self._finish()
 
+    def hands_back(self) -> bool:
+        """True where :meth:`call_in_worker` hands its call to the waiting worker: in a
+        driven greenlet, with a worker waiting in another thread or greenlet."""
+        return self._waiter is not None and in_body()
+
     def call_in_worker(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """From the body, call ``fn`` in the worker thread or greenlet that waits for it.
 
         Where the caller runs the loop, or outside a driven greenlet (inside
         ``session.run_sync()``), ``fn`` is called right here.
         """
-        if self._waiter is None or not in_body():
+        waiter = self._waiter
+        if waiter is None or not in_body():
             return fn(*args, **kwargs)
         future: asyncio.Future[T] = self._loop.create_future()
         self._requests.append((fn, args, kwargs, future))
-        self._waiter.notify()
+        waiter.notify()
         return await_in_body(future)
 
     # -- in the caller --

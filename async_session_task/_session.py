@@ -164,6 +164,12 @@ def current_session() -> AsyncSession:
     return run.session
 
 
+def hands_back() -> bool:
+    """True where :func:`in_worker` hands its call to the worker waiting for the run."""
+    run = current_run.get()
+    return run is not None and run.crossing is not None and run.crossing.hands_back()
+
+
 def in_worker(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call ``fn`` in the worker thread or greenlet that waits for the running run: Celery's
     broker and result connections belong there (docs/internals.md#publish-from-spawned-task).

@@ -7,6 +7,7 @@ The Celery face of the package: what Celery calls on a task (``before_start``, `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Mapping
@@ -23,7 +24,7 @@ from ._crossing import await_in_body, in_body
 from ._lifespan import lifespan_state, lifespans
 from ._on_commit import on_commit
 from ._runtime import get_runtime
-from ._session import Run, current_run, factories, in_worker, runs
+from ._session import Run, current_run, factories, hands_back, in_worker, runs
 
 
 class _DeferredRetry(Retry):  # type: ignore[misc]  # celery is untyped
@@ -230,6 +231,20 @@ def _forward_to_worker(app: Any) -> None:
         return in_worker(_as_parent, send_task, *args, **kwargs)
 
     app.send_task = forwarded
+
+    # A group acquires one producer for all its messages, then publishes each through
+    # send_task. From a body that producer would be taken on the loop's thread and used in
+    # the worker's (a green pool's queue, taken from a real thread, never returns on
+    # eventlet): there each message takes its own, in the worker.
+    producer_or_acquire = app.producer_or_acquire
+
+    @functools.wraps(producer_or_acquire)
+    def producer_or_acquire_in_worker(producer: Any = None) -> Any:
+        if producer is None and hands_back():
+            return contextlib.nullcontext(None)
+        return producer_or_acquire(producer)
+
+    app.producer_or_acquire = producer_or_acquire_in_worker
 
     class AsyncResult(app.AsyncResult):  # type: ignore[misc]  # built per app, untyped
         def get(self, *args: Any, **kwargs: Any) -> Any:

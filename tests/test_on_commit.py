@@ -140,7 +140,7 @@ def test_failed_commit_publishes_nothing(worker: ServiceWorker, hold_queue: str)
     for how in ("deferred", "dropped"):
         k = key()
         error = worker.send(tasks.failed_commit, k, how).get(timeout=WAIT)
-        assert error in {"IntegrityError", "InterfaceError", "DBAPIError"}, (how, error)
+        assert error.startswith("DBAPIError:"), (how, error)
         assert labels(hold_queue, k) == ["after"], how
 
 
