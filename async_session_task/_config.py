@@ -214,15 +214,7 @@ def lifespan_of(task: Any) -> Callable[[Any], Any] | None:
         configured = task.app.conf.get(LIFESPAN)
     if configured is None:
         return None
-    lifespan = configured
-    if isinstance(lifespan, str):
-        try:
-            lifespan = symbol_by_name(lifespan)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ImproperlyConfigured(
-                f"{LIFESPAN} {configured!r} of task {task.name!r} does not resolve "
-                f"({type(exc).__name__}: {exc}). Use 'package.module:name'."
-            ) from None
+    lifespan = imported(LIFESPAN, configured, f"task {task.name!r}")
     if not callable(lifespan):
         raise ImproperlyConfigured(
             f"{LIFESPAN} of task {task.name!r} must be a callable that takes the Celery app "
@@ -239,3 +231,20 @@ def _shown(url: str | URL | None) -> str | None:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<not a URL>"
+
+
+def imported(setting: str, value: Any, owner: str) -> Any:
+    """``value``, or the object it names if it is an import string ``"pkg.module:name"``.
+
+    Raises:
+        ImproperlyConfigured: the import string does not resolve.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        return symbol_by_name(value)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ImproperlyConfigured(
+            f"{setting} {value!r} of {owner} does not resolve "
+            f"({type(exc).__name__}: {exc}). Use 'package.module:name'."
+        ) from None

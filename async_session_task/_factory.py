@@ -13,13 +13,19 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from celery.exceptions import ImproperlyConfigured
-from celery.utils.imports import symbol_by_name
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.pool import QueuePool
 
-from ._config import ENGINE_DEFAULTS, EXAMPLE_URL, SESSION_DEFAULTS, EngineKey, Settings
+from ._config import (
+    ENGINE_DEFAULTS,
+    EXAMPLE_URL,
+    SESSION_DEFAULTS,
+    EngineKey,
+    Settings,
+    imported,
+)
 
 #: The asyncio driver to suggest for a URL whose driver is sync or not named.
 ASYNC_DRIVERS: Mapping[str, str] = {
@@ -35,15 +41,7 @@ ASYNC_DRIVERS: Mapping[str, str] = {
 def resolve_maker(settings: Settings, task_name: str | None = None) -> async_sessionmaker[Any]:
     """Import (if it is a string) and type-check a configured ``async_sessionmaker``."""
     task = f"task {task_name or settings.task_name!r}"
-    maker = settings.maker
-    if isinstance(maker, str):
-        try:
-            maker = symbol_by_name(maker)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ImproperlyConfigured(
-                f"async_session_maker {settings.maker!r} of {task} does not resolve "
-                f"({type(exc).__name__}: {exc}). Use 'package.module:name'."
-            ) from None
+    maker = imported("async_session_maker", settings.maker, task)
     if not isinstance(maker, async_sessionmaker):
         hint = (
             " (a sync sessionmaker: use sqlalchemy.ext.asyncio.async_sessionmaker)"
