@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from celery import Celery, Task, chain, group, signals
@@ -161,9 +162,8 @@ async def autocommitted(self: AsyncSessionTask, key: str, fail: bool = False) ->
         raise ValueError(key)
 
 
-@app.task(bind=True, base=AsyncSessionTask)
-async def slow_publish(self: AsyncSessionTask, key: str) -> int:
-    """How many times another coroutine ran while the commit published slowly."""
+async def ticks_during(commit: Callable[[], Awaitable[None]]) -> int:
+    """How many times another coroutine ran (every 10 ms) while ``commit()`` was awaited."""
     ticks = 0
 
     async def tick() -> None:
@@ -173,12 +173,20 @@ async def slow_publish(self: AsyncSessionTask, key: str) -> int:
             ticks += 1
 
     ticker = asyncio.create_task(tick())
-    on_commit(hold(key, "slow", SLOW))
     await asyncio.sleep(0.02)
     before = ticks
-    await self.session.commit()
-    ticker.cancel()
+    try:
+        await commit()
+    finally:
+        ticker.cancel()
     return ticks - before
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def slow_publish(self: AsyncSessionTask, key: str) -> int:
+    """How many times another coroutine ran while the commit published slowly."""
+    on_commit(hold(key, "slow", SLOW))
+    return await ticks_during(self.session.commit)
 
 
 @app.task(bind=True, base=AsyncSessionTask)
