@@ -181,14 +181,13 @@ def test_on_commit_testing(tmp_path: Path) -> None:
     assert rows(sync_url, "select count(*) from invoices") == [(0,)]  # rolled back
 
 
-@pytest.mark.timeout(120)
-def test_the_testing_page_suite_passes(tmp_path: Path) -> None:
-    """docs/examples/testing: a user's conftest and tests, run as pytest would run them."""
+def run_pytest(target: str, tmp_path: Path) -> str:
+    """``pytest target`` as a user runs it (SQLite, no server); its output, once it passed."""
     env = {**os.environ, "EXAMPLES_STATE_DIR": str(tmp_path)}
     for name in ("EXAMPLES_DATABASE_URL", "EXAMPLES_BROKER_URL", "EXAMPLES_QUEUE"):
         env.pop(name, None)
     process = subprocess.run(
-        [sys.executable, "-m", "pytest", "docs/examples/testing", "-p", "no:cacheprovider", "-q"],
+        [sys.executable, "-m", "pytest", target, "-p", "no:cacheprovider", "-q"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -197,27 +196,19 @@ def test_the_testing_page_suite_passes(tmp_path: Path) -> None:
         check=False,
     )
     assert process.returncode == 0, process.stdout + process.stderr
-    assert "3 passed" in process.stdout
+    return process.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_testing_page_suite_passes(tmp_path: Path) -> None:
+    """docs/examples/testing: a user's conftest and tests, run as pytest would run them."""
+    assert "3 passed" in run_pytest("docs/examples/testing", tmp_path)
 
 
 @pytest.mark.timeout(120)
 def test_the_lifespan_substitute_test_passes(tmp_path: Path) -> None:
-    """docs/examples/testing_lifespan.py, run as pytest would run it (SQLite, no server)."""
-    env = {**os.environ, "EXAMPLES_STATE_DIR": str(tmp_path)}
-    for name in ("EXAMPLES_DATABASE_URL", "EXAMPLES_BROKER_URL", "EXAMPLES_QUEUE"):
-        env.pop(name, None)
-    process = subprocess.run(
-        [sys.executable, "-m", "pytest", "docs/examples/testing_lifespan.py", "-p",
-         "no:cacheprovider", "-q"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )  # fmt: skip
-    assert process.returncode == 0, process.stdout + process.stderr
-    assert "1 passed" in process.stdout
+    """docs/examples/testing_lifespan.py, run as pytest would run it."""
+    assert "1 passed" in run_pytest("docs/examples/testing_lifespan.py", tmp_path)
 
 
 @pytest.mark.services
