@@ -1,12 +1,15 @@
 """``python -m benchmarks``: run every workload, print the table, write JSON and the docs page.
 
 Needs PostgreSQL and Redis (``AST_BENCH_ADMIN_URL``, ``AST_BENCH_BROKER``; defaults on
-127.0.0.1). A database ``ast_bench_<pid>`` is created for the run and dropped after it.
+127.0.0.1). A database ``ast_bench_<pid>`` is created for the run and dropped after it. The
+PgBouncer row starts a PgBouncer of its own in front of that database (``pgbouncer``, in
+``/usr/sbin`` on Debian); without it the row is skipped, and says why.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import _db, _machine, _report
+from sqlalchemy.engine import make_url
+
+from benchmarks import _db, _machine, _pgbouncer, _report
 from benchmarks._variants import DEFAULTS, IMPLEMENTATIONS
 from benchmarks._workers import WORKLOADS, Driver, run_workload
 
@@ -121,8 +126,11 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "workloads": {},
     }
     load_before = os.getloadavg()
-    with _db.bench_database(rows, first_rows) as database:
+    with _db.bench_database(rows, first_rows) as database, contextlib.ExitStack() as stack:
         results["machine"] = _machine.describe(database)
+        pgbouncer, skipped = _start_pgbouncer(chosen, database, stack)
+        if pgbouncer is not None:
+            results["machine"]["pgbouncer"] = _pgbouncer.version()
         driver = Driver(pause=not options.no_pause)
         for name in worker_workloads:
             workload = WORKLOADS[name]
@@ -135,6 +143,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 tasks=tasks,
                 database=database,
                 timeout=options.timeout,
+                pgbouncer=pgbouncer,
+                skipped=skipped,
             )
             results["workloads"][name] = {
                 "title": workload.title,
@@ -145,6 +155,10 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 "implementations": {n: outcome.summary() for n, outcome in outcomes.items()},
             }
             results["workloads"][name]["ratios"] = _report.ratios(results["workloads"][name])
+        if pgbouncer is not None:
+            # Its log has a line per client login: the runs that went through it.
+            logins = pgbouncer.log.count(" login attempt: ")
+            results["pgbouncer"] = {**PGBOUNCER_SETTINGS, "client_logins": logins}
         if "bridge" in options.workloads:
             results["bridge"] = _bridge(options, database)
     results["machine"]["load_average"] = {"before": load_before, "after": os.getloadavg()}
@@ -152,6 +166,44 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     results["measured_at"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     results["targets"] = _report.targets(results)
     return results
+
+
+#: The PgBouncer of the PgBouncer row: transaction pooling, a small server pool, and
+#: DISCARD ALL after every transaction, which the uniquely named statements of
+#: pgbouncer_engine_options() need (docs/internals.md#pgbouncer-prepared-statements).
+PGBOUNCER_SETTINGS = {
+    "pool_mode": "transaction",
+    "default_pool_size": 4,
+    "server_reset_query_always": 1,
+}
+
+
+def _start_pgbouncer(
+    chosen: dict[str, list[str]], database: str, stack: contextlib.ExitStack
+) -> tuple[_pgbouncer.PgBouncer | None, dict[str, str]]:
+    """A PgBouncer in front of the bench database if an implementation chosen needs one;
+    else, or if it cannot start, None, with why for each implementation that needed it."""
+    needing = sorted({n for ns in chosen.values() for n in ns if IMPLEMENTATIONS[n].pgbouncer})
+    if not needing:
+        return None, {}
+    reason = _pgbouncer.missing()
+    if reason is None:
+        url = make_url(database)
+        try:
+            return stack.enter_context(
+                _pgbouncer.PgBouncer(
+                    url.port or 5432,
+                    str(url.database),
+                    host=url.host or "127.0.0.1",
+                    user=url.username or "root",
+                    pool_size=PGBOUNCER_SETTINGS["default_pool_size"],
+                    settings={"server_reset_query_always": "1"},
+                )
+            ), {}
+        except RuntimeError as exc:
+            reason = str(exc)[:300]
+    logger.warning("skipping %s: %s", ", ".join(needing), reason)
+    return None, dict.fromkeys(needing, reason)
 
 
 def _bridge(options: argparse.Namespace, database: str) -> dict[str, Any]:

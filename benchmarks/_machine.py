@@ -87,7 +87,8 @@ def text(results: dict[str, Any]) -> str:
             f"- CPU: {machine['cpu_model']}, {machine['cpus_usable']} usable of "
             f"{machine['cpus']} cores; {machine['memory_gb']} GB RAM",
             f"- {machine['system']}, {machine['python']}, "
-            f"PostgreSQL {machine['postgresql']}, Redis {machine['redis']}",
+            f"PostgreSQL {machine['postgresql']}, Redis {machine['redis']}"
+            + (f", {machine['pgbouncer']}" if "pgbouncer" in machine else ""),
             f"- Packages: {packages}; library source: {machine.get('source', 'unknown')}",
             f"- Load average (1, 5, 15 min) before the run: {before}; after: {after}",
         ]

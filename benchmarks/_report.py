@@ -33,13 +33,15 @@ def ratios(workload: dict[str, Any]) -> dict[str, Any]:
     impls = workload["implementations"]
     out: dict[str, Any] = {}
     for name, data in impls.items():
+        if not data["rounds"]:
+            continue  # skipped, or failed before its first batch
         # Each variant of the library against its defaults, too.
         for baseline in (*BASELINES, "library") if name.startswith("library-") else BASELINES:
             # A variant measured with other worker settings (-info, -noresult) is compared
             # with the baseline measured with the same ones, when it ran.
             base = baseline + ("-" + name.rpartition("-")[2] if name.endswith(FACTORS) else "")
             base = base if base in impls else baseline
-            if base == name or base not in impls:
+            if base == name or not impls.get(base, {}).get("rounds"):
                 continue
             for metric in ("cpu_ms_per_task", "tasks_per_s"):
                 value = _stats.paired(data["rounds"], impls[base]["rounds"], metric)
@@ -60,19 +62,25 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             title = workload["title"] if index == 0 else ""
             label = _label(impl)
             rate = data.get("tasks_per_s")
+            if data["status"] == "skipped":
+                out.append((title, label, f"skipped: {data['error']}", *[""] * 6))
+                continue
             if not rate:
                 out.append((title, label, f"failed: {data['error']}", *[""] * 6))
                 continue
             if data["status"] != "ok":
                 label += f" (then failed: {data['error']})"
             main, children = data["main_cpu_ms_per_task"], data["children_cpu_ms_per_task"]
+            parts = f"{main['median']:.2f} + {children['median']:.2f}"
+            if pooler := data.get("pgbouncer_cpu_ms_per_task"):
+                parts += f" (PgBouncer: {pooler['median']:.2f})"
             out.append(
                 (
                     title,
                     label,
                     _stats.text(rate, 0),
                     _stats.text(data.get("cpu_ms_per_task"), 2),
-                    f"{main['median']:.2f} + {children['median']:.2f}",
+                    parts,
                     _stats.text(_ratio(workload, impl, "sync", "cpu_ms_per_task"), 2, "x"),
                     _stats.text(_ratio(workload, impl, "sync", "tasks_per_s"), 2, "x"),
                     _stats.text(_ratio(workload, impl, "naive", "tasks_per_s"), 2, "x"),

@@ -64,6 +64,7 @@ class Sample:
     main_cpu_ms_per_task: float  #: the worker's main process (consumer, pool dispatch)
     children_cpu_ms_per_task: float  #: its pool children (prefork); 0 on other pools
     idle_cpu_ms_per_task: float  #: what the other, idle workers used meanwhile
+    pgbouncer_cpu_ms_per_task: float  #: what the PgBouncer it connects through used, if any
     peak_rss_mb: float
     pss_mb: float
     wall_s: float
@@ -82,19 +83,25 @@ class Outcome:
     sent: int = 0
     succeeded: int = 0
     error: str | None = None  #: why it stopped being measured, if it did
+    skipped: str | None = None  #: why it was not run at all, if so
     db_check: str | None = None  #: "ok", or what the counters say instead
 
     def summary(self) -> dict[str, Any]:
+        status = "ok" if self.error is None else "failed"
         out: dict[str, Any] = {
-            "status": "ok" if self.error is None else "failed",
-            "error": self.error,
+            "status": "skipped" if self.skipped else status,
+            "error": self.skipped or self.error,
             "sent": self.sent,
             "succeeded": self.succeeded,
             "db_check": self.db_check,
             "rounds": [vars(s) for s in self.samples],
         }
         good = [s for s in self.samples if s.failed == 0]
-        for metric in (*METRICS, "idle_cpu_ms_per_task", "peak_rss_mb", "pss_mb"):
-            if value := spread([getattr(s, metric) for s in good]):
+        extra = ("idle_cpu_ms_per_task", "pgbouncer_cpu_ms_per_task", "peak_rss_mb", "pss_mb")
+        for metric in (*METRICS, *extra):
+            values = [getattr(s, metric) for s in good]
+            if metric == "pgbouncer_cpu_ms_per_task" and not any(values):
+                continue  # it does not connect through PgBouncer
+            if value := spread(values):
                 out[metric] = value
         return out

@@ -111,6 +111,7 @@ def plot(results: dict[str, Any]) -> str:
             bars = [
                 (_short(name), COLORS.get(name.partition("-")[0], "#999"), data.get(metric))
                 for name, data in impls.items()
+                if data["status"] != "skipped"
             ]
             parts += _panel(x, row * HEIGHT, f"{workload['title']}: {unit}", bars, width)
         x += width

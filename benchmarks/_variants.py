@@ -1,7 +1,8 @@
 """The implementations a workload runs side by side: each a worker module and its settings.
 
 Variants of one module differ only by environment variables, read by the module at import
-(``impl_library``: driver, engine options, event loop, body; ``_apps``: result storage).
+(``impl_library``: driver, engine options, event loop, body, PgBouncer; ``_apps``: result
+storage).
 Each implementation has a range of counter rows of its own, so the counters prove that every
 success incremented one row once.
 """
@@ -24,18 +25,29 @@ class Implementation:
     store_results: bool = True
     #: Pools it runs on; empty: every pool.
     pools: tuple[str, ...] = ()
+    #: It connects through the run's private PgBouncer (``benchmarks/_pgbouncer.py``).
+    pgbouncer: bool = False
 
     def runs_on(self, pool: str) -> bool:
         return not self.pools or pool in self.pools
 
 
 def _library(name: str, label: str, index: int, **settings: Any) -> Implementation:
+    pgbouncer = bool(settings.pop("pgbouncer", False))
+    # uvloop has no place in a gevent worker, which keeps gevent's loop.
+    uvloop = settings.get("loop") == "uvloop"
+    pools = settings.pop("pools", ("prefork", "threads") if uvloop else ())
     env = {f"AST_BENCH_{key.upper()}": value for key, value in settings.items() if key != "opts"}
     if "opts" in settings:
         env["AST_BENCH_ENGINE_OPTIONS"] = json.dumps(settings["opts"])
-    pools = ("prefork", "threads") if settings.get("loop") == "uvloop" else ()
     return Implementation(
-        name, label, "benchmarks.impl_library", 1_000_000 * index, env, pools=pools
+        name,
+        label,
+        "benchmarks.impl_library",
+        1_000_000 * index,
+        env,
+        pools=pools,
+        pgbouncer=pgbouncer,
     )
 
 
@@ -46,12 +58,13 @@ ASYNCPG_NO_CACHE = {"connect_args": {"statement_cache_size": 0, "prepared_statem
 PSYCOPG_NO_CACHE = {"connect_args": {"prepare_threshold": None}}
 
 _ALL = [
-    _library("library", "async_session_task", 1),
+    # The defaults as a user gets them: pool_pre_ping=True is one of them.
+    _library("library", "async_session_task, defaults", 1),
     _library(
-        "library-preping",
-        "async_session_task, pool_pre_ping=True",
+        "library-nopreping",
+        "async_session_task, pool_pre_ping=False",
         2,
-        opts={"pool_pre_ping": True},
+        opts={"pool_pre_ping": False},
     ),
     _library("library-uvloop", "async_session_task + uvloop", 3, loop="uvloop"),
     _library("library-psycopg", "async_session_task on psycopg 3 async", 4, driver="psycopg"),
@@ -79,6 +92,15 @@ _ALL = [
         body="run_sync",
         opts={"pool_pre_ping": False},
     ),
+    # Through PgBouncer (transaction pooling) with async_session_task.pgbouncer_engine_options();
+    # prefork only: it answers what a worker pays for the pooler, not how pools differ.
+    _library(
+        "library-pgbouncer",
+        "async_session_task through PgBouncer, pgbouncer_engine_options()",
+        9,
+        pgbouncer=True,
+        pools=("prefork",),
+    ),
     Implementation("sync", "sync pattern (psycopg 3)", "benchmarks.impl_sync", 20_000_000),
     Implementation("naive", "naive asyncio.run", "benchmarks.impl_naive", 21_000_000),
     Implementation("noop", "no-op (Celery alone)", "benchmarks.impl_noop", None),
@@ -92,8 +114,8 @@ _ALL += [
         base.first_row + 10_000_000,
         log_level="INFO",
     )
-    for base in _ALL[:1] + _ALL[8:9]
-    if base.first_row is not None
+    for base in _ALL
+    if base.name in ("library", "sync") and base.first_row is not None
 ]
 _ALL += [
     Implementation(
@@ -103,8 +125,8 @@ _ALL += [
         base.first_row + 11_000_000,
         store_results=False,
     )
-    for base in _ALL[:1] + _ALL[8:9]
-    if base.first_row is not None
+    for base in _ALL
+    if base.name in ("library", "sync") and base.first_row is not None
 ]
 
 IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in _ALL}
@@ -119,15 +141,16 @@ FACTORS = ("-info", "-noresult")
 DEFAULTS: dict[str, tuple[str, ...]] = {
     "db-prefork": (
         "library",
-        "library-preping",
+        "library-nopreping",
         "library-uvloop",
         "library-psycopg",
         "library-runsync",
         "library-tuned",
+        "library-pgbouncer",
         "sync",
         "naive",
         "noop",
     ),
-    "io-threads": ("library", "library-uvloop", "sync", "naive", "noop"),
+    "io-threads": ("library", "library-nopreping", "library-uvloop", "sync", "naive", "noop"),
     "io-gevent": ("library", "sync", "naive", "noop"),
 }

@@ -7,7 +7,8 @@ workers are stopped (SIGSTOP) so that their idle loops do not share the two core
 (``--no-pause`` keeps them running, and then counts the CPU they used). Tasks per second
 are counted between the first and the last result the worker stored (``date_done``); CPU is
 the worker's user + system time over the batch, its main process and its pool children
-apart; memory is read from ``/proc`` after it.
+apart; memory is read from ``/proc`` after it. A worker that connects through PgBouncer
+has the pooler's CPU over its batch counted apart, not in the worker's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,7 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from async_session_task.testing import WorkerProcess, worker_process
 from benchmarks import _db, _proc
 from benchmarks._apps import TASK_NAME, make_app
+from benchmarks._pgbouncer import PgBouncer
 from benchmarks._stats import Outcome, Sample
 from benchmarks._variants import IMPLEMENTATIONS, Implementation
 
@@ -60,6 +62,10 @@ class Driver:
         # Publishing through an app with a result backend would subscribe to one Redis
         # channel per task (Celery's on_task_call); a separate reader polls the results.
         self.sender: Celery = make_app("bench_driver", backend=False)
+        # Each worker's start-up ping holds two pooled broker connections at once (the
+        # broadcast's and its producer's): with workers started side by side, Celery's
+        # default limit of 10 would let five pings take them all and each wait for another.
+        self.sender.conf.broker_pool_limit = 64
         self.reader: Celery = make_app("bench_reader")
         self.pause = pause
 
@@ -74,8 +80,10 @@ class Driver:
         number: int = 0,
         idle: Sequence[int] = (),
         database: str | None = None,
+        pooler: int | None = None,
     ) -> tuple[Sample, str | None]:
-        """Run one batch on ``worker``; ``idle`` are the pids of the other workers."""
+        """Run one batch on ``worker``; ``idle`` are the pids of the other workers, ``pooler``
+        the PgBouncer the worker connects through."""
         control, node = self.sender.control, [worker.nodename]
         control.cancel_consumer(worker.queue, destination=node, reply=True, timeout=10)
         first_row = impl.first_row or 0
@@ -90,6 +98,7 @@ class Driver:
         # Without results, the counters tell when the batch is done: read them before it starts.
         counted = None if impl.store_results else _db.counter_sum(database or "", first_row)
         before_total = None if self.pause else sum(_proc.cpu_seconds(p) for p in idle)
+        pooler_before = 0.0 if pooler is None else _proc.cpu_seconds(pooler)
         if self.pause:
             _proc.pause(list(idle), True)
         try:
@@ -110,6 +119,7 @@ class Driver:
             elif not impl.store_results and (logged := _last_error(worker.log, "")):
                 error = f"{error}; worker log{logged}"
             cpu = _proc.cpu(pid) - cpu
+            pooler_cpu = 0.0 if pooler is None else _proc.cpu_seconds(pooler) - pooler_before
         finally:
             if self.pause:
                 _proc.pause(list(idle), False)
@@ -130,6 +140,7 @@ class Driver:
             main_cpu_ms_per_task=1000 * cpu.main / count,
             children_cpu_ms_per_task=1000 * cpu.children / count,
             idle_cpu_ms_per_task=1000 * idle_cpu / count,
+            pgbouncer_cpu_ms_per_task=1000 * pooler_cpu / count,
             peak_rss_mb=memory.peak_rss_mb,
             pss_mb=memory.pss_mb,
             wall_s=wall,
@@ -186,13 +197,20 @@ def _counted(
 
 @contextlib.contextmanager
 def start_workers(
-    driver: Driver, workload: Workload, names: Sequence[str], database: str
+    driver: Driver,
+    workload: Workload,
+    names: Sequence[str],
+    database: str,
+    pgbouncer: PgBouncer | None = None,
 ) -> Iterator[tuple[dict[str, WorkerProcess], dict[str, str]]]:
     """Start one worker per implementation, all at once; yield them and why any did not start."""
     managers = {}
     for name in names:
         impl = IMPLEMENTATIONS[name]
         env = {**impl.env, "AST_BENCH_DATABASE": database}
+        if impl.pgbouncer:
+            assert pgbouncer is not None, name
+            env["AST_BENCH_PGBOUNCER"] = pgbouncer.url
         if not impl.store_results:
             env["AST_BENCH_IGNORE_RESULT"] = "1"
         managers[name] = worker_process(
@@ -238,16 +256,22 @@ def run_workload(
     tasks: int,
     database: str,
     timeout: float,
+    pgbouncer: PgBouncer | None = None,
+    skipped: Mapping[str, str] | None = None,
 ) -> dict[str, Outcome]:
-    """Run ``rounds`` rounds; each round runs one batch per implementation."""
-    outcomes = {name: Outcome() for name in names}
+    """Run ``rounds`` rounds; each round runs one batch per implementation, but those
+    ``skipped`` (name: why), which are reported without being started."""
+    skipped = skipped or {}
+    outcomes = {name: Outcome(skipped=skipped.get(name)) for name in names}
+    started = [name for name in names if name not in skipped]
     _db.reset_counters(database)
-    with start_workers(driver, workload, names, database) as (workers, errors):
+    pooler = None if pgbouncer is None else pgbouncer.process.pid
+    with start_workers(driver, workload, started, database, pgbouncer) as (workers, errors):
         for name, reason in errors.items():
             outcomes[name].error = reason
         pids = {name: worker.process.pid for name, worker in workers.items()}
         for number in range(rounds):
-            for name in order(names, number):
+            for name in order(started, number):
                 outcome = outcomes[name]
                 if outcome.error is not None:
                     continue
@@ -260,6 +284,7 @@ def run_workload(
                     number=number,
                     idle=[pid for other, pid in pids.items() if other != name],
                     database=database,
+                    pooler=pooler if IMPLEMENTATIONS[name].pgbouncer else None,
                 )
                 outcome.samples.append(sample)
                 outcome.sent += tasks
@@ -274,8 +299,8 @@ def run_workload(
                     sample.cpu_ms_per_task,
                     f"  ({error})" if error else "",
                 )
-    for name, outcome in outcomes.items():
-        _check_counters(database, name, outcome)
+    for name in started:
+        _check_counters(database, name, outcomes[name])
     return outcomes
 
 

@@ -2,8 +2,9 @@
 
 Its variants (``benchmarks._variants``) are set by environment variables, read at import:
 ``AST_BENCH_DRIVER`` (``asyncpg``, ``psycopg``), ``AST_BENCH_ENGINE_OPTIONS`` (JSON, given as
-``async_session_engine_options``), ``AST_BENCH_LOOP`` (``uvloop``) and ``AST_BENCH_BODY``
-(``run_sync``: the ORM work as one sync block).
+``async_session_engine_options``), ``AST_BENCH_LOOP`` (``uvloop``), ``AST_BENCH_BODY``
+(``run_sync``: the ORM work as one sync block) and ``AST_BENCH_PGBOUNCER`` (a PgBouncer's
+asyncpg URL: connect through it with ``pgbouncer_engine_options()``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Mapping
 
+from celery import Celery
 from sqlalchemy.orm import Session
 
-from async_session_task import AsyncSessionTask
+from async_session_task import AsyncSessionTask, pgbouncer_engine_options
 from benchmarks._apps import TASK_NAME, database_url, make_app
 from benchmarks._model import Counter
 
@@ -24,10 +27,22 @@ if os.environ.get("AST_BENCH_LOOP") == "uvloop":
     # Before the library makes its loop: asyncio.new_event_loop() asks the policy.
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
+
+def configure(app: Celery, environ: Mapping[str, str]) -> None:
+    """Set the app's session settings as the variant's environment says; nothing else, so a
+    variant without options runs with the library's defaults."""
+    options = json.loads(environ.get("AST_BENCH_ENGINE_OPTIONS") or "{}")
+    if bouncer := environ.get("AST_BENCH_PGBOUNCER"):
+        app.conf.async_session_url = bouncer
+        app.conf.async_session_engine_options = pgbouncer_engine_options(**options)
+        return
+    app.conf.async_session_url = database_url(environ.get("AST_BENCH_DRIVER", "asyncpg"))
+    if options:
+        app.conf.async_session_engine_options = options
+
+
 app = make_app("bench_library")
-app.conf.async_session_url = database_url(os.environ.get("AST_BENCH_DRIVER", "asyncpg"))
-if options := os.environ.get("AST_BENCH_ENGINE_OPTIONS"):
-    app.conf.async_session_engine_options = json.loads(options)
+configure(app, os.environ)
 RUN_SYNC = os.environ.get("AST_BENCH_BODY") == "run_sync"
 
 

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
+from sqlalchemy.pool import NullPool
 
+from async_session_task import AsyncSessionTask
+from async_session_task._config import Settings
+from async_session_task._factory import engines_of, session_factory
+from benchmarks import _pgbouncer, impl_library
 from benchmarks._variants import DEFAULTS, IMPLEMENTATIONS
 from benchmarks._workers import WORKLOADS
 from benchmarks.bridge import WAYS
@@ -19,6 +25,8 @@ pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("tasks_per_s", "cpu_ms_per_task", "main_cpu_ms_per_task", "peak_rss_mb", "pss_mb")
 SPREAD = {"median", "q1", "q3", "min", "max", "n"}
+#: Why the PgBouncer row is skipped on this machine (the benchmark says so), or None.
+NO_PGBOUNCER = _pgbouncer.missing()
 
 
 def bench(out: Path, *args: str) -> dict[str, Any]:
@@ -30,6 +38,7 @@ def bench(out: Path, *args: str) -> dict[str, Any]:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data: dict[str, Any] = json.loads((out / "latest.json").read_text())
     data["_stdout"] = done.stdout
+    data["_stderr"] = done.stderr
     return data
 
 
@@ -47,6 +56,11 @@ def test_every_implementation_completes_its_tasks(results: dict[str, Any], workl
     data = results["workloads"][workload]
     assert list(data["implementations"]) == list(DEFAULTS[workload])
     for name, impl in data["implementations"].items():
+        if IMPLEMENTATIONS[name].pgbouncer and NO_PGBOUNCER:
+            assert impl["status"] == "skipped", impl
+            assert impl["error"] == NO_PGBOUNCER, impl
+            assert impl["rounds"] == [], name
+            continue
         assert impl["status"] == "ok", (name, impl["error"])
         assert impl["sent"] == impl["succeeded"] == 2 * 12, name
         assert [sample["round"] for sample in impl["rounds"]] == [0, 1], name
@@ -59,11 +73,56 @@ def test_every_implementation_completes_its_tasks(results: dict[str, Any], workl
             assert parts == pytest.approx(sample["cpu_ms_per_task"]), name
             # The other workers were stopped while this one was measured.
             assert sample["idle_cpu_ms_per_task"] == 0.0, name
+            if not IMPLEMENTATIONS[name].pgbouncer:
+                assert sample["pgbouncer_cpu_ms_per_task"] == 0.0, name
+
+
+def test_the_pgbouncer_row_went_through_pgbouncer(results: dict[str, Any]) -> None:
+    if NO_PGBOUNCER:
+        # Not a failure of the benchmark: it skips the row and prints why.
+        assert f"skipping library-pgbouncer: {NO_PGBOUNCER}" in results["_stderr"]
+        assert "pgbouncer" not in results
+        pytest.skip(NO_PGBOUNCER)
+    pgbouncer = results["pgbouncer"]
+    assert pgbouncer["pool_mode"] == "transaction"
+    assert pgbouncer["default_pool_size"] == 4
+    assert pgbouncer["server_reset_query_always"] == 1
+    # NullPool: each run logs in anew (a worker's start-up check may add a login).
+    assert pgbouncer["client_logins"] >= 2 * 12
+    assert results["machine"]["pgbouncer"].startswith("PgBouncer ")
+
+
+def _engine(name: str) -> Any:
+    """The engine the library makes in a worker of implementation ``name``, built the way
+    its first run builds it (the app configured from the variant's environment)."""
+    app = Celery(f"bench-{name}", set_as_current=False)
+    environ = dict(IMPLEMENTATIONS[name].env)
+    if IMPLEMENTATIONS[name].pgbouncer:
+        environ["AST_BENCH_PGBOUNCER"] = "postgresql+asyncpg://root@127.0.0.1:6432/ast_bench"
+    impl_library.configure(app, environ)
+
+    @app.task(name="bench.probe", base=AsyncSessionTask, shared=False)
+    async def probe() -> None:
+        """Never run: its settings are read."""
+
+    (engine,) = engines_of(session_factory(Settings.of(probe), {}))
+    return engine
+
+
+def test_the_defaults_variant_pre_pings_and_the_others_say_what_they_change() -> None:
+    assert _engine("library").pool._pre_ping is True
+    assert _engine("library-nopreping").pool._pre_ping is False
+    assert _engine("library-tuned").pool._pre_ping is False
+    bouncer = _engine("library-pgbouncer")
+    assert isinstance(bouncer.pool, NullPool)
+    assert bouncer.url.port == 6432
+    assert bouncer.pool._pre_ping is True  # the library's default, kept by the preset
 
 
 def test_every_ratio_is_paired_by_round(results: dict[str, Any]) -> None:
     ratios = results["workloads"]["db-prefork"]["ratios"]
-    assert set(ratios) == set(DEFAULTS["db-prefork"])
+    skipped = {"library-pgbouncer"} if NO_PGBOUNCER else set()
+    assert set(ratios) == set(DEFAULTS["db-prefork"]) - skipped
     for name, against in ratios.items():
         # Variants of the library are also divided by the library's defaults.
         library = {"library"} if name.startswith("library-") else set()

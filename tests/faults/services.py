@@ -2,14 +2,14 @@
 
 The shared services on the standard ports serve other test runs at the same time: they are
 never touched. Each test process gets its own cluster (``initdb`` into a temporary
-directory, on a free port) and its own ``redis-server``.
+directory, on a free port) and its own ``redis-server``; PgBouncer is the benchmark's
+(``benchmarks/_pgbouncer.py``), with the admin console's ``SHOW`` added.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,24 +18,12 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg
 
+from benchmarks import _pgbouncer
+from benchmarks._pgbouncer import PgBouncer, as_postgres, free_port, reachable
+
 PG_BIN = Path(os.environ.get("AST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 #: A role that must authenticate with a password (scram-sha-256); every other role is trusted.
 SECRET_ROLE = "ast_secret"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def reachable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def missing() -> str | None:
@@ -72,9 +60,8 @@ class PrivatePostgres:
             conn.execute(f"CREATE DATABASE {database}")
 
     def _run(self, program: str, *args: str) -> None:
-        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         subprocess.run(
-            [*prefix, str(PG_BIN / program), *args],
+            [*as_postgres(), str(PG_BIN / program), *args],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -124,10 +111,7 @@ class PrivatePostgres:
 
 def pgbouncer_missing() -> str | None:
     """Why a private PgBouncer cannot be started here, or None."""
-    reason = missing()
-    if reason is None and shutil.which("pgbouncer", path=f"{os.environ['PATH']}:/usr/sbin") is None:
-        reason = "pgbouncer not found (Debian package pgbouncer)"
-    return reason
+    return missing() or _pgbouncer.missing()
 
 
 class Server(Protocol):
@@ -142,58 +126,15 @@ class Server(Protocol):
 ServerT = TypeVar("ServerT", bound=Server)
 
 
-class PrivatePgBouncer(Generic[ServerT]):
-    """A PgBouncer of our own in front of ``postgres``, in transaction pooling mode.
-
-    Every client logs in as ``root`` without a password; ``root`` may use the admin
-    console (``show("POOLS")``).
-    """
+class PrivatePgBouncer(PgBouncer, Generic[ServerT]):
+    """The benchmark's PgBouncer (transaction pooling) in front of ``postgres``; ``root``
+    may use the admin console (``show("POOLS")``)."""
 
     def __init__(
         self, postgres: ServerT, pool_size: int = 4, settings: dict[str, str] | None = None
     ) -> None:
         self.postgres = postgres
-        self.root = Path(tempfile.mkdtemp(prefix="ast-pgbouncer-"))
-        self.port = free_port()
-        self.pool_size = pool_size
-        config = self.root / "pgbouncer.ini"
-        (self.root / "userlist.txt").write_text('"root" ""\n')
-        config.write_text(
-            "[databases]\n"
-            f"{postgres.database} = host=127.0.0.1 port={postgres.port} "
-            f"dbname={postgres.database} user=root\n"
-            "[pgbouncer]\n"
-            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
-            f"auth_type = trust\nauth_file = {self.root / 'userlist.txt'}\n"
-            "admin_users = root\n"
-            f"pool_mode = transaction\ndefault_pool_size = {pool_size}\n"
-            "max_client_conn = 500\n"
-            f"logfile = {self.root / 'pgbouncer.log'}\npidfile = {self.root / 'pgbouncer.pid'}\n"
-            + "".join(f"{name} = {value}\n" for name, value in (settings or {}).items())
-        )
-        prefix = []
-        if os.geteuid() == 0:  # pgbouncer refuses to run as root
-            shutil.chown(self.root, "postgres")
-            prefix = ["runuser", "-u", "postgres", "--"]
-        binary = shutil.which("pgbouncer", path=f"{os.environ['PATH']}:/usr/sbin") or "pgbouncer"
-        self.process = subprocess.Popen(
-            [*prefix, binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 30
-        while not reachable(self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pgbouncer on port {self.port} did not start: {self.log}")
-            time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        """The URL a worker uses (asyncpg), through PgBouncer."""
-        return f"postgresql+asyncpg://root@127.0.0.1:{self.port}/{self.postgres.database}"
-
-    @property
-    def log(self) -> str:
-        path = self.root / "pgbouncer.log"
-        return path.read_text() if path.exists() else ""
+        super().__init__(postgres.port, postgres.database, pool_size=pool_size, settings=settings)
 
     def show(self, what: str) -> list[dict[str, str]]:
         """``SHOW <what>`` on the admin console (simple query protocol only: psql)."""
@@ -205,12 +146,6 @@ class PrivatePgBouncer(Generic[ServerT]):
         header, *rows = process.stdout.splitlines()
         names = header.split(",")
         return [dict(zip(names, row.split(","), strict=True)) for row in rows]
-
-    def destroy(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(30)
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class PrivateRedis:
