@@ -1,5 +1,5 @@
-"""From settings to sessions: the engine and the ``async_sessionmaker`` a task's settings
-describe (a leaf beside ``_config``: pure functions, no state of its own).
+"""Session factories: from settings to the engine and the ``async_sessionmaker`` a task's
+settings describe, and :data:`factories`, the ones this process made (per task class).
 
 :func:`session_factory` is the only way from settings to a session factory: a task's first
 run in a process, the worker-start check and ``celery async-session check`` all use it, so
@@ -9,7 +9,11 @@ with ``hide_password=True``, and errors that could echo the URL are not chained.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 from celery.exceptions import ImproperlyConfigured
@@ -26,6 +30,9 @@ from ._config import (
     Settings,
     imported,
 )
+from .signals import engine_created
+
+logger = logging.getLogger("async_session_task")
 
 #: The asyncio driver to suggest for a URL whose driver is sync or not named.
 ASYNC_DRIVERS: Mapping[str, str] = {
@@ -166,3 +173,90 @@ def pool_capacity(settings: Settings) -> tuple[int | None, tuple[Any, ...]]:
     if overflow < 0:
         return None, ()
     return int(size) + int(overflow), key
+
+
+class Factories:
+    """The session factory of each task class and the engines behind them, per process.
+
+    Built by :func:`.session_factory` at a task's first run in the process; engines
+    are disposed on the loop (:meth:`dispose`) when the loop stops, and forgotten in a
+    forked child, which starts on fresh pools (docs/internals.md#fork).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._makers: dict[type[Any], async_sessionmaker[Any]] = {}
+        self._engines: dict[EngineKey, AsyncEngine] = {}
+        self._foreign: list[AsyncEngine] = []
+        os.register_at_fork(after_in_child=self.forget)
+
+    def maker_for(self, task: Any) -> async_sessionmaker[Any]:
+        """The session factory of ``task``'s class, resolved once per process.
+
+        Raises:
+            celery.exceptions.ImproperlyConfigured: the task's settings cannot make sessions.
+        """
+        maker = self._makers.get(type(task))
+        if maker is None:
+            with self._lock:
+                maker = self._makers.get(type(task))
+                if maker is None:
+                    settings = Settings.of(task)
+                    known = list(self._engines.values())
+                    maker = session_factory(settings, self._engines)
+                    self._adopt(maker)
+                    for engine in self._engines.values():
+                        if not any(engine is e for e in known):
+                            # Before any session uses it: instrumentation sees every statement.
+                            engine_created.send(sender=task, engine=engine)
+                    self._makers[type(task)] = maker
+        return maker
+
+    def _adopt(self, maker: async_sessionmaker[Any]) -> None:
+        for engine in engines_of(maker):
+            if engine in self._engines.values() or any(engine is e for e in self._foreign):
+                continue
+            # The app's own engine may have connected before this process existed (a prefork
+            # parent) or on another loop: start this process on a new pool without touching
+            # the old connections (docs/internals.md#fork).
+            engine.sync_engine.dispose(close=False)
+            self._foreign.append(engine)
+
+    @contextlib.contextmanager
+    def override(self, makers: Mapping[type[Any], async_sessionmaker[Any]]) -> Iterator[None]:
+        """Within the block, runs of these task classes take their sessions from ``makers``
+        (what :func:`async_session_task.testing.rollback_sessions` is built on)."""
+        saved = {cls: self._makers.get(cls) for cls in makers}
+        self._makers.update(makers)
+        try:
+            yield
+        finally:
+            for cls, maker in saved.items():
+                if maker is None:
+                    self._makers.pop(cls, None)
+                else:
+                    self._makers[cls] = maker
+
+    def engine_count(self) -> int:
+        return len(self._engines) + len(self._foreign)
+
+    async def dispose(self) -> None:
+        """On the loop the engines were used on: close their connections, then forget them
+        (asyncpg connections left to a closed loop never close,
+        docs/internals.md#dispose-on-loop)."""
+        engines = [*self._engines.values(), *self._foreign]
+        self.forget()
+        for engine in engines:
+            try:
+                await engine.dispose()
+            except Exception:
+                logger.exception("Disposing %r failed", engine)
+
+    def forget(self) -> None:
+        """Drop every factory and engine without closing connections (a forked child, a
+        lost loop): the next run in this process builds them anew."""
+        self._lock = threading.Lock()
+        self._makers, self._engines, self._foreign = {}, {}, []
+
+
+factories = Factories()

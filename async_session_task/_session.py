@@ -1,5 +1,5 @@
-"""Sessions and runs: one ``AsyncSession`` per run, the registry of runs in flight, and the
-session factories of this process.
+"""Sessions and runs: one ``AsyncSession`` per run, and the registry of runs in flight (the
+session factories they take their sessions from are ``_factory.factories``).
 
 The lifecycle of one run, as the task class drives it:
 
@@ -16,21 +16,17 @@ The lifecycle of one run, as the task class drives it:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
-import threading
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine
 from contextvars import Context, ContextVar
 from types import CoroutineType
 from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import _config, _factory
 from ._crossing import Crossing, drive
-from .signals import engine_created
 
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")
@@ -242,90 +238,3 @@ class Registry:
 
 
 runs = Registry()
-
-
-class Factories:
-    """The session factory of each task class and the engines behind them, per process.
-
-    Built by :func:`._factory.session_factory` at a task's first run in the process; engines
-    are disposed on the loop (:meth:`dispose`) when the loop stops, and forgotten in a
-    forked child, which starts on fresh pools (docs/internals.md#fork).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._makers: dict[type[Any], async_sessionmaker[Any]] = {}
-        self._engines: dict[_config.EngineKey, AsyncEngine] = {}
-        self._foreign: list[AsyncEngine] = []
-        os.register_at_fork(after_in_child=self.forget)
-
-    def maker_for(self, task: Any) -> async_sessionmaker[Any]:
-        """The session factory of ``task``'s class, resolved once per process.
-
-        Raises:
-            celery.exceptions.ImproperlyConfigured: the task's settings cannot make sessions.
-        """
-        maker = self._makers.get(type(task))
-        if maker is None:
-            with self._lock:
-                maker = self._makers.get(type(task))
-                if maker is None:
-                    settings = _config.Settings.of(task)
-                    known = list(self._engines.values())
-                    maker = _factory.session_factory(settings, self._engines)
-                    self._adopt(maker)
-                    for engine in self._engines.values():
-                        if not any(engine is e for e in known):
-                            # Before any session uses it: instrumentation sees every statement.
-                            engine_created.send(sender=task, engine=engine)
-                    self._makers[type(task)] = maker
-        return maker
-
-    def _adopt(self, maker: async_sessionmaker[Any]) -> None:
-        for engine in _factory.engines_of(maker):
-            if engine in self._engines.values() or any(engine is e for e in self._foreign):
-                continue
-            # The app's own engine may have connected before this process existed (a prefork
-            # parent) or on another loop: start this process on a new pool without touching
-            # the old connections (docs/internals.md#fork).
-            engine.sync_engine.dispose(close=False)
-            self._foreign.append(engine)
-
-    @contextlib.contextmanager
-    def override(self, makers: Mapping[type[Any], async_sessionmaker[Any]]) -> Iterator[None]:
-        """Within the block, runs of these task classes take their sessions from ``makers``
-        (what :func:`async_session_task.testing.rollback_sessions` is built on)."""
-        saved = {cls: self._makers.get(cls) for cls in makers}
-        self._makers.update(makers)
-        try:
-            yield
-        finally:
-            for cls, maker in saved.items():
-                if maker is None:
-                    self._makers.pop(cls, None)
-                else:
-                    self._makers[cls] = maker
-
-    def engine_count(self) -> int:
-        return len(self._engines) + len(self._foreign)
-
-    async def dispose(self) -> None:
-        """On the loop the engines were used on: close their connections, then forget them
-        (asyncpg connections left to a closed loop never close,
-        docs/internals.md#dispose-on-loop)."""
-        engines = [*self._engines.values(), *self._foreign]
-        self.forget()
-        for engine in engines:
-            try:
-                await engine.dispose()
-            except Exception:
-                logger.exception("Disposing %r failed", engine)
-
-    def forget(self) -> None:
-        """Drop every factory and engine without closing connections (a forked child, a
-        lost loop): the next run in this process builds them anew."""
-        self._lock = threading.Lock()
-        self._makers, self._engines, self._foreign = {}, {}, []
-
-
-factories = Factories()

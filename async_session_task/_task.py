@@ -21,10 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import _config
 from ._crossing import await_in_body, in_body
+from ._factory import factories
 from ._lifespan import lifespan_state, lifespans
 from ._on_commit import on_commit
 from ._runtime import get_runtime
-from ._session import Run, current_run, factories, hands_back, in_worker, runs
+from ._session import Run, current_run, hands_back, in_worker, runs
 
 
 class _DeferredRetry(Retry):  # type: ignore[misc]  # celery is untyped

@@ -20,9 +20,10 @@ from celery.worker.control import inspect_command
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _config, _factory, _runtime
+from ._factory import factories
 from ._lifespan import lifespans
 from ._on_commit import publish_failures
-from ._session import factories, runs, task_factory
+from ._session import runs, task_factory
 from ._task import AsyncSessionTask
 
 logger = logging.getLogger("async_session_task")

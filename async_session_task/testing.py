@@ -32,9 +32,9 @@ from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from . import _on_commit
+from ._factory import factories
 from ._lifespan import lifespans
 from ._runtime import get_runtime
-from ._session import factories
 from ._task import AsyncSessionTask
 
 __all__ = [
