@@ -7,11 +7,14 @@ import functools
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -40,6 +43,25 @@ BROKERS = {
     "amqp": "amqp://guest:guest@127.0.0.1:5672//",
 }
 SERVICES_OPTIONAL = {"RabbitMQ": ("127.0.0.1", 5672)}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(
+    *args: str, env: dict[str, str], timeout: float = 110
+) -> subprocess.CompletedProcess[str]:
+    """``python *args`` in the repository's root, as a user's process; never raises on its
+    exit code (the caller asserts on it, with the output)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def unavailable(reason: str | None, kind: str = "service test") -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
 from async_session_task import AsyncSessionTask
+from tests.conftest import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -186,15 +187,7 @@ def run_pytest(target: str, tmp_path: Path) -> str:
     env = {**os.environ, "EXAMPLES_STATE_DIR": str(tmp_path)}
     for name in ("EXAMPLES_DATABASE_URL", "EXAMPLES_BROKER_URL", "EXAMPLES_QUEUE"):
         env.pop(name, None)
-    process = subprocess.run(
-        [sys.executable, "-m", "pytest", target, "-p", "no:cacheprovider", "-q"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
+    process = run_python("-m", "pytest", target, "-p", "no:cacheprovider", "-q", env=env)
     assert process.returncode == 0, process.stdout + process.stderr
     return process.stdout
 

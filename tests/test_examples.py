@@ -30,7 +30,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import MetaData, create_engine, text
 
 from async_session_task.testing import WorkerProcess, file_broker_settings, worker_process
-from tests.conftest import HTTPServer
+from tests.conftest import HTTPServer, run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]
@@ -87,15 +87,7 @@ class Variant:
     def run_module(self, module: str, worker: WorkerProcess) -> Any:
         """``python3 -m module`` next to the worker; its last line of output, as JSON."""
         env = {**os.environ, **self.env, "EXAMPLES_QUEUE": worker.queue, "PYTHONPATH": pythonpath()}
-        process = subprocess.run(
-            [sys.executable, "-m", module],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            check=False,
-        )
+        process = run_python("-m", module, env=env, timeout=WAIT)
         assert process.returncode == 0, process.stdout + process.stderr + worker.log[-3000:]
         return json.loads(process.stdout.strip().splitlines()[-1])
 

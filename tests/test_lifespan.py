@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BROKERS, HTTPServer, StartWorker
+from tests.conftest import BROKERS, HTTPServer, StartWorker, run_python
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 
@@ -259,15 +257,7 @@ def test_eager_runs_enter_the_lifespan_once_and_exit_it_with_the_process(
         "PYTHONPATH": str(ROOT),
         "PYTHONWARNINGS": "always::ResourceWarning",
     }
-    process = subprocess.run(
-        [sys.executable, "-m", "tests.apps.lifespan_eager"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
+    process = run_python("-m", "tests.apps.lifespan_eager", env=env, timeout=WAIT)
     output = process.stdout + process.stderr
     assert process.returncode == 0, output
     report = json.loads(process.stdout.strip().splitlines()[-1])
@@ -332,15 +322,7 @@ def test_an_exit_that_hangs_is_cancelled_after_its_grace_period(database_url: st
         "AST_LIFESPAN": "stuck_lifespan",
         "PYTHONPATH": str(ROOT),
     }
-    process = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
+    process = run_python("-c", code, env=env, timeout=WAIT)
     assert process.returncode == 0, process.stdout + process.stderr
     assert process.stdout.strip() == "['pid']"
     (warning,) = lines_with(process.stderr, "did not exit within")
