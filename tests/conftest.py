@@ -151,6 +151,29 @@ class ServiceWorker:
         """States of this worker's PostgreSQL connections."""
         return connections_of(self.database_url, self.application_name)
 
+    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = 60) -> None:
+        """Until ``condition()`` holds; pinging the worker between checks is the pause, and it
+        proves the worker still answers."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}; worker log:\n{self.worker.log[-4000:]}")
+            self.worker.ping(timeout=0.1)
+
+    def wait_for_log(self, text: str) -> str:
+        """The worker's log, once it holds ``text``."""
+        self.wait_for(lambda: text in self.worker.log, f"{text!r} never logged")
+        return self.worker.log
+
+
+def wait_for_state(result: Any, state: str, timeout: float = 60) -> None:
+    """Wait (on the result backend) until the task reports ``state``."""
+    deadline = time.monotonic() + timeout
+    while result.state != state:
+        assert not result.ready(), f"{result.state}: {result.result!r}"
+        assert time.monotonic() < deadline, f"never reached {state}"
+        time.sleep(0.02)
+
 
 StartWorker = Callable[..., contextlib.AbstractContextManager[ServiceWorker]]
 

@@ -30,7 +30,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import MetaData, create_engine, text
 
 from async_session_task.testing import WorkerProcess, file_broker_settings, worker_process
-from tests.conftest import HTTPServer, run_python
+from tests.conftest import HTTPServer, run_python, wait_for_state
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]
@@ -174,15 +174,6 @@ def hold_lock(variant: Variant, sku: str) -> Iterator[None]:
             yield
         finally:
             connection.rollback()
-
-
-def wait_for_state(result: Any, state: str) -> None:
-    """Wait (on the result backend) until the task reports ``state``."""
-    deadline = time.monotonic() + WAIT
-    while result.state != state:
-        assert not result.ready(), f"{result.state}: {result.result!r}"
-        assert time.monotonic() < deadline, f"never reached {state}"
-        time.sleep(0.05)
 
 
 def test_soft_time_limit_keeps_committed_batches(variant: Variant) -> None:

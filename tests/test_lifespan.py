@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import BROKERS, HTTPServer, StartWorker, run_python
+from tests.faults.services import wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 
@@ -57,13 +57,6 @@ def sql_spans(spans: list[dict[str, Any]], marker: str) -> list[dict[str, Any]]:
         if not s["name"].startswith(("run/", "apply_async/"))
         and any(f"'{marker}'" in value for value in s["attributes"].values())
     ]
-
-
-def wait_for(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def lines_with(log: str, text: str) -> list[str]:
@@ -299,8 +292,10 @@ def test_autoscale_shrink_exits_the_lifespan_of_the_child_it_stops(
             worker.send("tests.apps.lifespan_app.shared", uuid.uuid4().hex, 1.0) for _ in range(6)
         ]
         pids = {result.get(timeout=WAIT)["pid"] for result in results}
-        wait_for(lambda: "Scaling down" in worker.log, "the autoscaler to shrink the pool")
-        wait_for(lambda: pids_in(worker.log, "lifespan exiting in"), "the stopped child's exit")
+        wait_for(lambda: "Scaling down" in worker.log, WAIT, "the autoscaler to shrink the pool")
+        wait_for(
+            lambda: pids_in(worker.log, "lifespan exiting in"), WAIT, "the stopped child's exit"
+        )
         (shrunk,) = pids_in(worker.log, "lifespan exiting in")
         assert worker.stop() == 0
         log = worker.log

@@ -13,7 +13,6 @@ import base64
 import contextlib
 import json
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -31,7 +30,14 @@ from async_session_task.testing import rollback_sessions
 from tests.apps import oncommit_app as tasks
 from tests.apps.models import Note
 from tests.apps.pg_app import count_notes
-from tests.conftest import BROKERS, ServiceWorker, client_app, pg_query, service_worker
+from tests.conftest import (
+    BROKERS,
+    ServiceWorker,
+    client_app,
+    pg_query,
+    service_worker,
+    wait_for_state,
+)
 from tests.test_worker import runtime_stats
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
@@ -67,21 +73,6 @@ def holding(database_url: str, key: str) -> Iterator[None]:
             yield
         finally:
             connection.execute("select pg_advisory_unlock(hashtext(%s))", (key,))
-
-
-def wait_for_state(result: AsyncResult, state: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while result.state != state:
-        assert not result.ready(), f"{result.state}: {result.result!r}"
-        assert time.monotonic() < deadline, f"never reached {state}"
-        time.sleep(0.02)
-
-
-def wait_for_log(worker: ServiceWorker, text: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while text not in worker.worker.log:
-        assert time.monotonic() < deadline, f"{text!r} not in the log"
-        time.sleep(0.02)
 
 
 def key() -> str:
@@ -165,7 +156,7 @@ def test_discarded_transactions_publish_nothing(
     options = {"soft_time_limit": 0.5} if how == "soft_limit" else {}
     result = worker.send(tasks.discarded, k, how, **options)
     if how == "ignore":  # no result is stored; Celery logs it as ignored once the run ended
-        wait_for_log(worker, f"[{result.id}] ignored")
+        worker.wait_for_log(f"[{result.id}] ignored")
     else:
         with contextlib.suppress(Exception):
             result.get(timeout=WAIT)

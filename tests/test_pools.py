@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -106,7 +104,7 @@ def test_hard_time_limit_on_gevent_cancels_the_body(start_worker: StartWorker) -
         k = key()
         with pytest.raises(TimeLimitExceeded):
             worker.send(pg_app.sleepy, k, 30, soft_time_limit=60, time_limit=2).get(timeout=WAIT)
-        wait_for_log(worker, f"sleepy {k}: finally ran")
+        worker.wait_for_log(f"sleepy {k}: finally ran")
         assert f"sleepy {k}: cancelled at its await" in worker.worker.log
         assert notes(worker, k) == []
         assert worker.send(pg_app.probe).get(timeout=WAIT)["current_session_same"]
@@ -141,7 +139,7 @@ def test_revoke_terminate_stops_the_body(start_worker: StartWorker, pool: str) -
         # accepted a job a moment after the child starts it; a revoke that arrives before
         # marks the task revoked without killing the child (seen: the warm shutdown at the
         # end then waited for the whole 30 s run).
-        wait_for(lambda: result.id in active_ids(worker), worker, f"{k} never listed active")
+        worker.wait_for(lambda: result.id in active_ids(worker), f"{k} never listed active")
         worker.worker.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
         with pytest.raises(Exception, match=r"(?i)revoked|terminated|SIGKILL"):
             result.get(timeout=WAIT)
@@ -149,32 +147,18 @@ def test_revoke_terminate_stops_the_body(start_worker: StartWorker, pool: str) -
         assert notes(worker, k) == []
         if pool != "prefork":
             # The revoked state is stored before the greenlet is killed: wait for the body.
-            wait_for_log(worker, f"sleepy {k}: finally ran")
+            worker.wait_for_log(f"sleepy {k}: finally ran")
             assert f"sleepy {k}: cancelled at its await" in worker.worker.log
         assert_no_open_transaction(worker)
         assert_clean_stop(worker)
-
-
-def wait_for(condition: Callable[[], bool], worker: ServiceWorker, what: str) -> None:
-    """Until ``condition()`` holds, for at most 60 s; pinging the worker between checks is
-    the pause, and it proves the worker still answers."""
-    deadline = time.monotonic() + 60
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}; worker log:\n{worker.worker.log[-4000:]}")
-        worker.worker.ping(timeout=0.1)
 
 
 def wait_until_started(worker: ServiceWorker, k: str) -> None:
     """Until ``sleepy`` holds its open transaction and waits in its try block. (An open
     transaction alone is not enough: the body may still be inside ``flush()``, and a
     cancellation there ends it before its try block, so its ``finally`` never logs.)"""
-    wait_for_log(worker, f"sleepy {k}: sleeping")
+    worker.wait_for_log(f"sleepy {k}: sleeping")
     assert "idle in transaction" in worker.connections()
-
-
-def wait_for_log(worker: ServiceWorker, text: str) -> None:
-    wait_for(lambda: text in worker.worker.log, worker, f"{text!r} never logged")
 
 
 def test_max_tasks_per_child_leaves_no_connections(
@@ -206,7 +190,7 @@ def test_autoscale_shrink_leaves_no_connections(
         reports = [result.get(timeout=WAIT) for result in results]
         # A prefork child runs one body at a time: runs in flight together prove the growth.
         assert peak_overlap(reports) > 1
-        wait_for(lambda: len(w.worker.child_pids()) == 1, w, "the pool never shrank")
+        w.wait_for(lambda: len(w.worker.child_pids()) == 1, "the pool never shrank")
         assert len(w.connections()) <= 1
         assert abandoned_sessions(database_url) == before
         assert_clean_stop(w)
@@ -292,4 +276,4 @@ def active_ids(worker: ServiceWorker) -> set[str]:
 
 def wait_until_active(worker: ServiceWorker) -> None:
     """Until one of the worker's connections is running a statement."""
-    wait_for(lambda: "active" in worker.connections(), worker, "no statement became active")
+    worker.wait_for(lambda: "active" in worker.connections(), "no statement became active")

@@ -6,14 +6,13 @@ went wrong; docs/internals.md names the behaviour behind each.
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from tests.apps import pg_app
-from tests.conftest import ServiceWorker, StartWorker
+from tests.conftest import StartWorker
 from tests.test_worker import assert_no_open_transaction, notes
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
@@ -24,18 +23,6 @@ WAIT = 60
 
 def concurrency_of(pool: str) -> int:
     return {"prefork": 2, "solo": 1, "threads": 4}.get(pool, 10)
-
-
-def wait_for_log(worker: ServiceWorker, text: str, timeout: float = WAIT) -> str:
-    """The worker log once it holds ``text`` (polled; the log is the only witness)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        log = worker.worker.log
-        if text in log:
-            return log
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in the worker log:\n{log[-3000:]}")
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("pool", POOLS)
@@ -118,7 +105,7 @@ def test_coroutines_left_behind_are_ended_with_the_run(
     with start_worker(pool=pool, concurrency=concurrency_of(pool)) as w:
         result = w.send(pg_app.leaves_work_behind, key)
         assert result.get(timeout=WAIT) == "returned"
-        log = wait_for_log(w, f"background {key}: The run of")
+        log = w.wait_for_log(f"background {key}: The run of")
         assert f"tests.apps.pg_app.leaves_work_behind[{result.id}]" in log
         assert "ended with 1 asyncio task(s) it started still running" in log
         assert "open a session of its own" in log
