@@ -26,7 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool, QueuePool
 
-from . import _config, _factory
+from . import _config, _factory, _ping
 from ._task import AsyncSessionTask
 
 OK, WARN, ERROR, SKIP = "OK", "WARN", "ERROR", "SKIP"
@@ -188,9 +188,12 @@ def target_rows(target: Target) -> list[Row]:
     else:
         rows.append(Row(OK, "pool", f"{sizing} for {runs} run(s) at once per process"))
     rows.append(bouncer_row(target))
-    pre_ping = getattr(sync_pool, "_pre_ping", False)  # Pool keeps it private
-    if isinstance(sync_pool, NullPool) or pre_ping:
-        rows.append(Row(OK, "pool_pre_ping", "on" if pre_ping else "NullPool: every run connects"))
+    if _ping.installed(engine):
+        rows.append(Row(OK, "pool_pre_ping", "on (SELECT 1, one round trip)"))
+    elif getattr(sync_pool, "_pre_ping", False):  # Pool keeps it private
+        rows.append(Row(OK, "pool_pre_ping", "on"))
+    elif isinstance(sync_pool, NullPool):
+        rows.append(Row(OK, "pool_pre_ping", "NullPool: every run connects"))
     else:
         detail = "off: after a database restart each pooled connection fails one run"
         rows.append(Row(WARN, "pool_pre_ping", f"{detail}; set pool_pre_ping=True"))

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.pool import QueuePool
 
+from . import _ping
 from ._config import (
     ENGINE_DEFAULTS,
     EXAMPLE_URL,
@@ -106,8 +107,13 @@ def create_engine(settings: Settings) -> AsyncEngine:
     """Build the engine for ``async_session_url``; errors never show the password."""
     url = parse_url(settings)
     shown = url.render_as_string(hide_password=True)
+    options = {**ENGINE_DEFAULTS, **settings.engine_options}
+    # On asyncpg the library pings in one round trip where SQLAlchemy takes three (_ping).
+    ping = bool(options.get("pool_pre_ping")) and _ping.replaces_pre_ping(url)
+    if ping:
+        options["pool_pre_ping"] = False
     try:
-        return _create_async_engine(url, **{**ENGINE_DEFAULTS, **settings.engine_options})
+        engine = _create_async_engine(url, **options)
     except ImportError as exc:
         raise ImproperlyConfigured(
             f"Task {settings.task_name!r}: the driver of {shown} is not installed "
@@ -120,6 +126,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
             f"{sorted(settings.engine_options)} are not valid for {shown} "
             f"({type(exc).__name__}: {exc})."
         ) from None
+    if ping:
+        _ping.install(engine)
+    return engine
 
 
 def session_factory(

@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 from sqlalchemy.pool import NullPool
 
-from async_session_task import AsyncSessionTask
+from async_session_task import AsyncSessionTask, _ping
 from async_session_task._config import Settings
 from async_session_task._factory import engines_of, session_factory
 from benchmarks import _pgbouncer, impl_library
@@ -110,13 +110,13 @@ def _engine(name: str) -> Any:
 
 
 def test_the_defaults_variant_pre_pings_and_the_others_say_what_they_change() -> None:
-    assert _engine("library").pool._pre_ping is True
-    assert _engine("library-nopreping").pool._pre_ping is False
-    assert _engine("library-tuned").pool._pre_ping is False
+    assert _ping.installed(_engine("library"))
+    assert not _ping.installed(_engine("library-nopreping"))
+    assert not _ping.installed(_engine("library-tuned"))
     bouncer = _engine("library-pgbouncer")
     assert isinstance(bouncer.pool, NullPool)
     assert bouncer.url.port == 6432
-    assert bouncer.pool._pre_ping is True  # the library's default, kept by the preset
+    assert _ping.installed(bouncer)  # the library's default, kept by the preset
 
 
 def test_every_ratio_is_paired_by_round(results: dict[str, Any]) -> None:

@@ -6,12 +6,14 @@ transaction mode); here, what reaches ``create_async_engine``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
 
-from async_session_task import pgbouncer_engine_options
+from async_session_task import _ping, pgbouncer_engine_options
 from async_session_task._config import Settings
 from async_session_task._factory import create_engine
 
@@ -22,23 +24,38 @@ def settings(options: dict[str, Any]) -> Settings:
     return Settings(url=URL, engine_options=options, session_options={}, maker=None)
 
 
+def engine_of(options: dict[str, Any], url: str = URL) -> AsyncEngine:
+    engine = create_engine(replace(settings(options), url=url))  # connects on first use only
+    engine.sync_engine.dispose(close=False)
+    return engine
+
+
 def engine_pool(options: dict[str, Any]) -> Any:
-    engine = create_engine(settings(options))  # connects on first use only
-    try:
-        return engine.pool
-    finally:
-        engine.sync_engine.dispose(close=False)
+    return engine_of(options).pool
 
 
 @pytest.mark.parametrize(
     ("options", "pre_ping"),
-    [({}, True), ({"pool_size": 2}, True), ({"pool_pre_ping": False}, False)],
-)
+    [({}, True), ({"pool_size": 2}, True), ({"pool_pre_ping": True}, True),
+     ({"pool_pre_ping": False}, False)],
+)  # fmt: skip
 def test_pool_pre_ping_unless_the_options_say_otherwise(
     options: dict[str, Any], pre_ping: bool
 ) -> None:
-    # SQLAlchemy keeps the setting on the pool; there is no public accessor.
-    assert engine_pool(options)._pre_ping is pre_ping
+    """On asyncpg the library's one-round-trip ping replaces SQLAlchemy's (tests/test_ping.py)."""
+    engine = engine_of(options)
+    assert _ping.installed(engine) is pre_ping
+    # SQLAlchemy keeps its setting on the pool; there is no public accessor.
+    assert engine.pool._pre_ping is False
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql+psycopg://app@127.0.0.1/shop", "sqlite+aiosqlite:///shop.db"]
+)
+def test_other_drivers_keep_sqlalchemys_pre_ping(url: str) -> None:
+    engine = engine_of({}, url)
+    assert not _ping.installed(engine)
+    assert engine.pool._pre_ping is True
 
 
 def test_the_preset() -> None:
@@ -50,9 +67,9 @@ def test_the_preset() -> None:
     names = {args["prepared_statement_name_func"]() for _ in range(100)}
     assert len(names) == 100
     assert all(name.startswith("__asyncpg_") for name in names)
-    pool = engine_pool(options)
-    assert isinstance(pool, NullPool)
-    assert pool._pre_ping is True
+    engine = engine_of(options)
+    assert isinstance(engine.pool, NullPool)
+    assert _ping.installed(engine)  # each run connects anew, so nothing is ever pinged
 
 
 def test_the_preset_merges_your_options() -> None:

@@ -9,6 +9,7 @@ run ends as intended; without it, asyncpg's prepared statements fail
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -20,8 +21,11 @@ from typing import Any
 import psycopg
 import pytest
 from celery.result import ResultSet
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event, text
 
+from async_session_task import pgbouncer_engine_options
+from async_session_task._config import Settings
+from async_session_task._factory import create_engine as create_async_engine_of
 from async_session_task.testing import WorkerProcess, worker_process
 from tests.conftest import unavailable
 from tests.faults.app import Base
@@ -210,3 +214,52 @@ def test_without_the_preset_prepared_statements_fail(
     )
     print(f"pgbouncer without the preset: {len(values)} runs, failed: {dict(failures)}")
     assert sum(failures.values()) > 0, Counter(outcome(v) for v in values)
+
+
+def test_the_pre_ping_through_pgbouncer_with_a_pool_of_client_connections(
+    pgbouncer: Bouncer,
+) -> None:
+    """With the preset and a pool of its own (``pool_size``), pooled client connections are
+    pinged on checkout (``SELECT 1``, a simple query: nothing prepared) and every session
+    of 200, 8 at a time through 4 server connections, gets a working connection."""
+    settings = Settings(
+        url=pgbouncer.url,
+        engine_options=pgbouncer_engine_options(pool_size=3, max_overflow=0),
+        session_options={},
+        maker=None,
+    )
+    engine = create_async_engine_of(settings)
+    pings: list[str] = []
+    connects: list[Any] = []
+    invalidated: list[BaseException | None] = []
+
+    @event.listens_for(engine.sync_engine.pool, "invalidate")
+    def log_invalidation(dbapi_connection: Any, record: Any, error: BaseException | None) -> None:
+        invalidated.append(error)
+
+    @event.listens_for(engine.sync_engine.pool, "connect")
+    def log_pings(dbapi_connection: Any, record: Any) -> None:
+        connects.append(record)
+        dbapi_connection.driver_connection.add_query_logger(
+            lambda query: pings.append(query.query) if query.query == "SELECT 1" else None
+        )
+
+    async def one(n: int) -> int:
+        async with engine.connect() as connection:
+            return int((await connection.execute(text("select :n + 0"), {"n": n})).scalar_one())
+
+    async def scenario() -> list[int]:
+        try:
+            values: list[int] = []
+            for start in range(0, 200, 8):
+                values += await asyncio.gather(*(one(n) for n in range(start, start + 8)))
+            return values
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(scenario()) == list(range(200))
+    # Every ping succeeded: no connection was replaced, so only the first checkout of each
+    # of the pool's 3 connections went unpinged.
+    assert invalidated == []
+    assert len(connects) == 3
+    assert len(pings) == 200 - 3
