@@ -23,6 +23,7 @@ import asyncio
 import collections
 import threading
 import time
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from contextvars import Context
 from typing import Any, TypeVar
@@ -191,16 +192,15 @@ class _BodyGreenlet(greenlet):
 _FINISHED = object()
 
 
-class _Yield:
-    """Awaitable that passes one object the body yielded up to the asyncio task."""
+class _Nested:
+    """An awaitable handed up by blocking code in the body (:func:`await_in_body`), to be
+    awaited by the asyncio task; anything else a body greenlet hands up is what the
+    coroutine yielded, passed to the task as it is."""
 
-    __slots__ = ("item",)
+    __slots__ = ("awaitable",)
 
-    def __init__(self, item: Any) -> None:
-        self.item = item
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        return (yield self.item)
+    def __init__(self, awaitable: Awaitable[Any]) -> None:
+        self.awaitable = awaitable
 
 
 #: Idle body greenlets of this thread (a greenlet can only be switched to in its own thread).
@@ -238,16 +238,20 @@ def _step(coro: Coroutine[Any, Any, Any]) -> Any:
         except StopIteration as stop:
             return stop.value
         try:
-            value, error = parent.switch(_Yield(item)), None
+            value, error = parent.switch(item), None
         except BaseException as exc:  # cancellation and errors go back into the body
             value, error = None, exc
 
 
-async def drive(coro: Coroutine[Any, Any, T], holder: Any = None) -> T:
+@types.coroutine
+def drive(coro: Coroutine[Any, Any, T], holder: Any = None) -> Generator[Any, Any, T]:
     """Await ``coro``, stepping it from a greenlet of its own.
 
     ``holder.greenlet`` (if a holder is given) is that greenlet while ``coro`` runs: the
     stall watchdog shows where it waits when a blocking call switched it out.
+
+    A generator-based coroutine: what the body yields is yielded on to the asyncio task as
+    it is, with no awaitable made per suspension (a run suspends at each round trip).
     """
     pool: list[_BodyGreenlet] | None = getattr(_idle, "pool", None)
     if pool is None:
@@ -258,18 +262,21 @@ async def drive(coro: Coroutine[Any, Any, T], holder: Any = None) -> T:
     body.gr_context = getcurrent().gr_context
     if holder is not None:
         holder.greenlet = body
-    # A _Yield of the body, or the coroutine of a nested call (await_in_body).
-    awaitable: Any = body.switch(coro)
-    while awaitable is not _FINISHED:
+    # What the body yielded, or a nested call's awaitable (await_in_body).
+    item: Any = body.switch(coro)
+    while item is not _FINISHED:
         if body.dead:  # ended by GreenletExit, which it returned: as an unpooled greenlet
-            ended: T = awaitable
+            ended: T = item
             return ended
         try:
-            sent = await awaitable
+            if type(item) is _Nested:
+                sent = yield from _awaited(item.awaitable)
+            else:
+                sent = yield item
         except BaseException as exc:
-            awaitable = body.throw(exc)
+            item = body.throw(exc)
         else:
-            awaitable = body.switch(sent)
+            item = body.switch(sent)
     if holder is not None:
         holder.greenlet = None
     result: T
@@ -286,6 +293,10 @@ async def drive(coro: Coroutine[Any, Any, T], holder: Any = None) -> T:
     return result
 
 
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
 def in_body() -> bool:
     """True where :func:`await_in_body` can suspend: inside a driven coroutine's greenlet."""
     return isinstance(getcurrent(), _BodyGreenlet)
@@ -293,7 +304,7 @@ def in_body() -> bool:
 
 def await_in_body(awaitable: Awaitable[T]) -> T:
     """From blocking code inside a driven body, await ``awaitable`` on the running loop."""
-    result: T = _parent().switch(awaitable)
+    result: T = _parent().switch(_Nested(awaitable))
     return result
 
 

@@ -189,11 +189,16 @@ def task_factory(
     run = context.run(current_run.get) if context is not None else current_run.get()
     if run is None or run.ended or not isinstance(coro, CoroutineType):
         return asyncio.Task(coro, loop=loop, context=context)
-    task = asyncio.Task(drive(coro), loop=loop, context=context)
+    task = asyncio.Task(_driven(coro), loop=loop, context=context)
     if run.tasks is None:
         run.tasks = {}
     run.tasks[task] = coro.__qualname__
     return task
+
+
+async def _driven(coro: Coroutine[Any, Any, T]) -> T:
+    # asyncio.Task takes a coroutine; drive() is generator-based (Python 3.12 refuses those).
+    return await drive(coro)
 
 
 class Registry:
