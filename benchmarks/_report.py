@@ -115,6 +115,12 @@ def bridge_rows(results: dict[str, Any], section: str = "ways") -> list[tuple[st
             for name in inline_names
             if name in inline[section]
         ]
+        # Measured only there: the statements of the DB body, sent by each driver alone.
+        ways += [
+            (inline[section][name]["what"], inline[section][name])
+            for name in ("asyncpg_alone", "psycopg_alone")
+            if name in inline[section]
+        ]
     return [_way_row(way) for way in ways]
 
 
@@ -126,6 +132,40 @@ def switch_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     process that runs its loop inline (where every switch is in the calling thread)."""
     db = ((results.get("bridge") or {}).get("inline") or {}).get("db") or {}
     return [(way["what"], f"{way['switches']:.1f}") for way in db.values() if "switches" in way]
+
+
+GAP_COLUMNS = ("what differs, CPU per run of the DB body (loop inline)", "us", "share")
+
+#: (what, ways added, ways taken away): each part of the gap between the library through
+#: Celery's tracer and the sync pattern through it, from the medians of one process.
+GAP_PARTS = (
+    ("the driver and the event loop: asyncpg on asyncio against psycopg 3, no SQLAlchemy",
+     ("asyncpg_alone",), ("psycopg_alone",)),
+    ("SQLAlchemy's asyncio layer over asyncpg against its sync API over psycopg 3, "
+     "beyond the drivers", ("asyncio", "psycopg_alone"), ("sync", "asyncpg_alone")),
+    ("the library, called directly, with its defaults (pre-ping included) against plain "
+     "SQLAlchemy asyncio", ("library_call",), ("asyncio",)),
+    ("Celery's tracer around each task", ("library_apply", "sync"),
+     ("library_call", "sync_apply")),
+)  # fmt: skip
+
+
+def gap_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Where the CPU per run goes between ``library_apply`` and ``sync_apply``, loop inline:
+    differences of per-way medians measured in alternating rounds of one process."""
+    db = ((results.get("bridge") or {}).get("inline") or {}).get("db") or {}
+    needed = {name for _, added, taken in GAP_PARTS for name in (*added, *taken)}
+    if not needed <= db.keys():
+        return []
+    cpu = {name: way["cpu_median"] for name, way in db.items()}
+    total = cpu["library_apply"] - cpu["sync_apply"]
+    out = []
+    for what, added, taken in GAP_PARTS:
+        part = sum(cpu[name] for name in added) - sum(cpu[name] for name in taken)
+        out.append((what, f"{part:.0f}", f"{part / total:.0%}" if total > 0 else "-"))
+    out.append(("in all: task.apply() of the library against the sync pattern's", f"{total:.0f}",
+                f"{cpu['library_apply'] / cpu['sync_apply']:.2f}x"))  # fmt: skip
+    return out
 
 
 def _way_row(named: tuple[str, dict[str, Any]]) -> tuple[str, ...]:
@@ -221,6 +261,8 @@ def table(results: dict[str, Any]) -> str:
         parts.append(_text_table(BRIDGE_COLUMNS, bridge))
     if db := bridge_rows(results, "db"):
         parts.append(_text_table(DB_COLUMNS, db))
+    if gap := gap_rows(results):
+        parts.append(_text_table(GAP_COLUMNS, gap))
     if switches := switch_rows(results):
         parts.append(_text_table(SWITCH_COLUMNS, switches))
     parts.append(
@@ -265,6 +307,8 @@ def generated_section(results: dict[str, Any], plot_name: str) -> str:
         ]
     if db := bridge_rows(results, "db"):
         parts += ["", "### The DB body in one process", "", _markdown_table(DB_COLUMNS, db)]
+    if gap := gap_rows(results):
+        parts += ["", "### Where the gap goes", "", _markdown_table(GAP_COLUMNS, gap)]
     if switches := switch_rows(results):
         parts += ["", "### Greenlet switches", "", _markdown_table(SWITCH_COLUMNS, switches)]
     parts += [

@@ -24,7 +24,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import asyncpg
 import greenlet
+import psycopg
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from async_session_task import AsyncSessionTask, _runtime
@@ -113,9 +115,15 @@ WAYS: dict[str, tuple[str, Way]] = {
 }
 
 
+#: The DB body's statements without SQLAlchemy: what the drivers and the loop cost alone.
+_SELECT = "SELECT id, value FROM bench_counter WHERE id = {}"
+_UPDATE = "UPDATE bench_counter SET value = {} WHERE id = {}"
+
+
 @contextlib.contextmanager
-def db_ways(rows: int) -> Iterator[dict[str, tuple[str, Way]]]:
-    """Workload (a)'s body, five ways, on the rows of the library and sync implementations."""
+def db_ways(rows: int, drivers: bool = False) -> Iterator[dict[str, tuple[str, Way]]]:
+    """Workload (a)'s body, five ways, on the rows of the library and sync implementations;
+    with ``drivers``, also its four statements sent by asyncpg and by psycopg alone."""
     # Imported here: they read the bench database's URL, which only a benchmark run sets.
     from benchmarks import impl_library, impl_sync
     from benchmarks._model import Counter
@@ -153,8 +161,40 @@ def db_ways(rows: int) -> Iterator[dict[str, tuple[str, Way]]]:
             session.commit()
             return counter.value
 
+    ways: dict[str, tuple[str, Way]] = {}
+    raw_async: asyncpg.Connection | None = None
+    raw_sync: psycopg.Connection[Any] | None = None
+    if drivers:
+        dsn = database_url("asyncpg").replace("postgresql+asyncpg://", "postgresql://", 1)
+        raw_async = loop.run_until_complete(asyncpg.connect(dsn))
+        raw_sync = psycopg.connect(dsn)
+
+        async def asyncpg_alone(row_id: int, connection: asyncpg.Connection = raw_async) -> int:
+            # As SQLAlchemy's adapter sends them: BEGIN, two prepared statements, COMMIT.
+            async with connection.transaction():
+                row = await connection.fetchrow(_SELECT.format("$1"), row_id)
+                await connection.execute(_UPDATE.format("$1", "$2"), row["value"] + 1, row_id)
+            return int(row["value"]) + 1
+
+        def psycopg_alone(row_id: int, connection: psycopg.Connection[Any] = raw_sync) -> int:
+            with connection.transaction():
+                row = connection.execute(_SELECT.format("%s"), (row_id,), prepare=True).fetchone()
+                assert row is not None
+                connection.execute(_UPDATE.format("%s", "%s"), (row[1] + 1, row_id), prepare=True)
+            return int(row[1]) + 1
+
+        ways = {
+            "asyncpg_alone": (
+                "asyncpg alone on asyncio, no SQLAlchemy: the same four statements",
+                _each(lambda i: loop.run_until_complete(asyncpg_alone(library_rows + i % rows))),
+            ),
+            "psycopg_alone": (
+                "psycopg 3 alone, no SQLAlchemy: the same four statements",
+                _each(lambda i: psycopg_alone(sync_rows + i % rows)),
+            ),
+        }
     try:
-        yield {
+        yield ways | {
             "asyncio": (
                 "plain SQLAlchemy asyncio + asyncpg: loop.run_until_complete in this thread",
                 _each(lambda i: loop.run_until_complete(plain_async(library_rows + i % rows))),
@@ -185,6 +225,10 @@ def db_ways(rows: int) -> Iterator[dict[str, tuple[str, Way]]]:
             ),
         }
     finally:
+        if raw_async is not None:
+            loop.run_until_complete(raw_async.close())
+        if raw_sync is not None:
+            raw_sync.close()
         # Disposed on the loop its connections belong to (docs/internals.md#dispose-on-loop).
         loop.run_until_complete(engine.dispose())
         loop.close()
@@ -258,7 +302,8 @@ def run(calls: int, db_calls: int, rows: int, rounds: int, inline: bool = False)
     }
     if db_calls:
         result["db_calls"] = db_calls
-        with db_ways(rows) as ways_with_db:
+        # The drivers alone once, in the process that runs its loop inline.
+        with db_ways(rows, drivers=inline) as ways_with_db:
             # Where the loop runs inline, every switch happens in this thread: counted.
             result["db"] = measure(ways_with_db, db_calls, rounds, count_switches=inline)
     return result

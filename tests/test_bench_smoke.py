@@ -15,7 +15,7 @@ from sqlalchemy.pool import NullPool
 from async_session_task import AsyncSessionTask, _ping
 from async_session_task._config import Settings
 from async_session_task._factory import engines_of, session_factory
-from benchmarks import _pgbouncer, impl_library
+from benchmarks import _pgbouncer, _report, impl_library
 from benchmarks._variants import DEFAULTS, IMPLEMENTATIONS
 from benchmarks._workers import WORKLOADS
 from benchmarks.bridge import WAYS
@@ -174,7 +174,9 @@ def test_in_process_measures_every_way(results: dict[str, Any]) -> None:
         "sync",
         "sync_apply",
     }
-    assert set(bridge["db"]) == set(bridge["inline"]["db"]) == db_ways
+    assert set(bridge["db"]) == db_ways
+    # The drivers alone, measured once, where the loop runs inline.
+    assert set(bridge["inline"]["db"]) == db_ways | {"asyncpg_alone", "psycopg_alone"}
     assert all(way["cpu_median"] > 0 for way in bridge["db"].values())
     # Greenlet switches, counted where the loop runs in the calling thread.
     switches = {name: way["switches"] for name, way in bridge["inline"]["db"].items()}
@@ -193,6 +195,12 @@ def test_report_states_machine_targets_and_table(results: dict[str, Any]) -> Non
     assert any("Bridge" in name for name in names)
     assert "async_session_task + uvloop" in results["_stdout"]
     assert "greenlet switches per run" in results["_docs"]
+    # The gap to the sync pattern, split into its parts, which add up to the whole.
+    assert "### Where the gap goes" in results["_docs"]
+    gap = _report.gap_rows(results)
+    *parts, (_, whole, _) = gap
+    assert len(parts) == len(_report.GAP_PARTS)
+    assert abs(sum(float(part) for _, part, _ in parts) - float(whole)) <= len(parts)
     for workload in WORKLOADS.values():
         assert workload.title in results["_docs"]
     assert "<!-- bench:begin -->" in results["_docs"]
