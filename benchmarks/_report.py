@@ -143,10 +143,9 @@ GAP_PARTS = (
      ("asyncpg_alone",), ("psycopg_alone",)),
     ("SQLAlchemy's asyncio layer over asyncpg against its sync API over psycopg 3, "
      "beyond the drivers", ("asyncio", "psycopg_alone"), ("sync", "asyncpg_alone")),
-    ("the library, called directly, with its defaults (pre-ping included) against plain "
-     "SQLAlchemy asyncio", ("library_call",), ("asyncio",)),
-    ("Celery's tracer around each task", ("library_apply", "sync"),
-     ("library_call", "sync_apply")),
+    ("the task base around the body, through Celery's tracer: the library with its defaults "
+     "(pre-ping included) against the sync pattern's", ("library_apply", "sync"),
+     ("asyncio", "sync_apply")),
 )  # fmt: skip
 
 
