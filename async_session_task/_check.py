@@ -24,7 +24,7 @@ from celery.bin.base import CeleryCommand
 from celery.exceptions import ImproperlyConfigured
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.pool import NullPool
 
 from . import _config, _factory, _ping
 from ._task import AsyncSessionTask
@@ -175,10 +175,10 @@ def target_rows(target: Target) -> list[Row]:
     rows = [Row(OK, "database", f"{detail}; {len(target.tasks)} task(s): {names}")]
     runs = target.runs
     sync_pool = engine.sync_engine.pool
-    overflow = getattr(sync_pool, "_max_overflow", -1)  # QueuePool keeps it private
-    if isinstance(sync_pool, QueuePool) and overflow >= 0:
-        capacity = sync_pool.size() + overflow
-        sizing = f"pool_size {sync_pool.size()} + max_overflow {overflow}"
+    limit = _factory.pool_limit(sync_pool)
+    if limit is not None:
+        size = sync_pool.size()  # type: ignore[attr-defined]  # a QueuePool, as limit says
+        capacity, sizing = limit, f"pool_size {size} + max_overflow {limit - size}"
     else:
         capacity, sizing = runs, f"{type(sync_pool).__name__}: a connection per run"
     target.capacity = capacity

@@ -170,18 +170,21 @@ def pool_capacity(settings: Settings) -> tuple[int | None, tuple[Any, ...]]:
             return None, ()
         # QueuePool's defaults; a negative max_overflow means no limit.
         size, overflow = options.get("pool_size", 5), options.get("max_overflow", 10)
-        key: tuple[Any, ...] = settings.engine_key()
-    else:
-        engines = engines_of(resolve_maker(settings))
-        if len(engines) != 1 or not isinstance(engines[0].pool, QueuePool):
+        if overflow < 0:
             return None, ()
-        pool = engines[0].pool
-        # QueuePool keeps its overflow limit private; size() is public.
-        size, overflow = pool.size(), getattr(pool, "_max_overflow", -1)
-        key = (id(engines[0]),)
-    if overflow < 0:
-        return None, ()
-    return int(size) + int(overflow), key
+        return int(size) + int(overflow), settings.engine_key()
+    engines = engines_of(resolve_maker(settings))
+    limit = pool_limit(engines[0].pool) if len(engines) == 1 else None
+    return (None, ()) if limit is None else (limit, (id(engines[0]),))
+
+
+def pool_limit(pool: Any) -> int | None:
+    """Most connections ``pool`` hands out at once (None: unbounded, or not a QueuePool)."""
+    if not isinstance(pool, QueuePool):
+        return None
+    # QueuePool keeps its overflow limit private; size() is public.
+    overflow = getattr(pool, "_max_overflow", -1)
+    return None if overflow < 0 else int(pool.size()) + int(overflow)
 
 
 class Factories:
