@@ -270,7 +270,7 @@ def drive(coro: Coroutine[Any, Any, T], holder: Any = None) -> Generator[Any, An
             return ended
         try:
             if type(item) is _Nested:
-                sent = yield from _awaited(item.awaitable)
+                sent = yield from item.awaitable.__await__()
             else:
                 sent = yield item
         except BaseException as exc:
@@ -291,10 +291,6 @@ def drive(coro: Coroutine[Any, Any, T], holder: Any = None) -> Generator[Any, An
         finally:  # no cycle through this frame's traceback
             error = None
     return result
-
-
-async def _awaited(awaitable: Awaitable[T]) -> T:
-    return await awaitable
 
 
 def in_body() -> bool:
