@@ -18,6 +18,7 @@ COLUMNS = (
     "main + children",
     "CPU vs sync",
     "tasks/s vs sync",
+    "CPU vs naive",
     "tasks/s vs naive",
     "CPU vs library defaults",
 )
@@ -63,10 +64,10 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             label = _label(impl)
             rate = data.get("tasks_per_s")
             if data["status"] == "skipped":
-                out.append((title, label, f"skipped: {data['error']}", *[""] * 6))
+                out.append((title, label, f"skipped: {data['error']}", *[""] * 7))
                 continue
             if not rate:
-                out.append((title, label, f"failed: {data['error']}", *[""] * 6))
+                out.append((title, label, f"failed: {data['error']}", *[""] * 7))
                 continue
             if data["status"] != "ok":
                 label += f" (then failed: {data['error']})"
@@ -83,6 +84,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                     parts,
                     _stats.text(_ratio(workload, impl, "sync", "cpu_ms_per_task"), 2, "x"),
                     _stats.text(_ratio(workload, impl, "sync", "tasks_per_s"), 2, "x"),
+                    _stats.text(_ratio(workload, impl, "naive", "cpu_ms_per_task"), 2, "x"),
                     _stats.text(_ratio(workload, impl, "naive", "tasks_per_s"), 2, "x"),
                     _stats.text(_ratio(workload, impl, "library", "cpu_ms_per_task"), 2, "x"),
                 )
