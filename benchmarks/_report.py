@@ -160,7 +160,7 @@ def gap_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
         return []
     cpu = {name: way["cpu_median"] for name, way in db.items()}
     total = cpu["library_apply"] - cpu["sync_apply"]
-    out = []
+    out: list[tuple[str, ...]] = []
     for what, added, taken in GAP_PARTS:
         part = sum(cpu[name] for name in added) - sum(cpu[name] for name in taken)
         out.append((what, f"{part:.0f}", f"{part / total:.0%}" if total > 0 else "-"))
