@@ -79,6 +79,19 @@ def key() -> str:
     return uuid.uuid4().hex
 
 
+def in_order(
+    worker: Any, hold_queue: str, database_url: str
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Run ``tasks.in_order`` on ``worker``: nothing may leave while its transaction is held
+    open; then the ids its calls returned, and the messages published, in order."""
+    k = key()
+    with holding(database_url, k):
+        result = worker.send(tasks.in_order, k)
+        wait_for_state(result, "QUEUED")
+        assert held(hold_queue, k) == []
+    return result.get(timeout=WAIT), held(hold_queue, k)
+
+
 @pytest.fixture(scope="module")
 def hold_queue() -> Iterator[str]:
     name = f"hold-{uuid.uuid4().hex[:12]}"
@@ -114,13 +127,7 @@ def test_published_after_the_commit_in_order(
 ) -> None:
     """1: on_commit, delay_on_commit, apply_async_on_commit, a chain, a group: nothing while
     the transaction is open; then all, in order, with the ids the calls returned."""
-    k = key()
-    with holding(database_url, k):
-        result = worker.send(tasks.in_order, k)
-        wait_for_state(result, "QUEUED")
-        assert held(hold_queue, k) == []
-    ids = result.get(timeout=WAIT)
-    messages = held(hold_queue, k)
+    ids, messages = in_order(worker, hold_queue, database_url)
     assert [label for label, _ in messages] == ["1", "2", "3", "4a", "5a", "5b"]
     assert [task_id for _, task_id in messages] == ids
 
@@ -178,13 +185,8 @@ def test_other_pools(database_url: str, hold_queue: str, pool: str) -> None:
         module="tests.apps.oncommit_app",
         env={"AST_HOLD_QUEUE": hold_queue},
     ) as pool_worker:
-        k = key()
-        with holding(database_url, k):
-            result = pool_worker.send(tasks.in_order, k)
-            wait_for_state(result, "QUEUED")
-            assert held(hold_queue, k) == []
-        ids = result.get(timeout=WAIT)
-        assert [task_id for _, task_id in held(hold_queue, k)] == ids
+        ids, messages = in_order(pool_worker, hold_queue, database_url)
+        assert [task_id for _, task_id in messages] == ids
         auto = key()
         pool_worker.send(tasks.autocommitted, auto).get(timeout=WAIT)
         assert labels(hold_queue, auto) == ["auto"]
