@@ -54,6 +54,13 @@ EXAMPLE_URL = "'postgresql+asyncpg://user:password@host/dbname' or 'sqlite+aiosq
 #: Equal for settings that share one engine: the URL (password included) and the options.
 EngineKey = tuple[str, str]
 
+#: Pools as ``celery worker -P`` accepts them (``processes`` is another name for prefork).
+POOLS = ("prefork", "processes", "solo", "threads", "gevent", "eventlet")
+#: The pools whose processes run one body at a time (see :func:`one_at_a_time`).
+ONE_AT_A_TIME = ("prefork", "solo")
+#: Other names of a pool: an alias of ``-P``, the module of Celery's pool class.
+_POOL_ALIASES = {"processes": "prefork", "thread": "threads"}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -180,19 +187,48 @@ def _unknown_session_options(options: Mapping[str, Any]) -> list[str]:
     return sorted(set(options) - known - {"self", "bind"})
 
 
+def task_time_limits(task: Any) -> tuple[float | None, float | None]:
+    """The (soft, hard) time limits of ``task`` in seconds: its own, else ``app.conf``'s."""
+    conf = task.app.conf
+    return (
+        task.soft_time_limit or conf.task_soft_time_limit,
+        task.time_limit or conf.task_time_limit,
+    )
+
+
 def time_limits(task: Any, request: Any) -> tuple[float | None, float | None]:
     """The (soft, hard) time limits of this run in seconds, resolved as Celery does: the
-    message's own (``apply_async(soft_time_limit=...)``), the task's, then ``app.conf``'s.
+    message's own (``apply_async(soft_time_limit=...)``), then :func:`task_time_limits`.
 
     Eager and direct calls run without limits, as Celery runs them.
     """
     if request.is_eager or request.called_directly:
         return None, None
     hard, soft = request.timelimit or (None, None)
-    conf = task.app.conf
-    soft = soft or task.soft_time_limit or conf.task_soft_time_limit
-    hard = hard or task.time_limit or conf.task_time_limit
-    return soft, hard
+    task_soft, task_hard = task_time_limits(task)
+    return soft or task_soft, hard or task_hard
+
+
+def pool_name(pool: str) -> str:
+    """The pool as ``-P`` spells it, from ``-P``, ``worker_pool``, or the module or import
+    path of Celery's pool class (``celery.concurrency.thread:TaskPool`` is ``threads``)."""
+    name = pool.split(":")[0].rsplit(".", 1)[-1]
+    return _POOL_ALIASES.get(name, name)
+
+
+def processes_and_runs(pool: str, concurrency: int) -> tuple[int, int]:
+    """The processes a worker on ``pool`` with ``-c concurrency`` runs bodies in, and the
+    bodies each process runs at once: prefork forks ``concurrency`` children of one run
+    each, solo is one process of one run, the others run ``concurrency`` in one process."""
+    if pool not in ONE_AT_A_TIME:
+        return 1, concurrency
+    return (concurrency if pool == "prefork" else 1), 1
+
+
+def one_at_a_time(pool: str, main_process: bool) -> bool:
+    """Whether a process of a worker on ``pool`` runs one body at a time, in its main thread:
+    a prefork child (the prefork main process runs none), the one process of solo."""
+    return pool == ("solo" if main_process else "prefork")
 
 
 def stall_threshold(conf: Any) -> float:

@@ -86,8 +86,8 @@ def _prefork_child() -> bool:
 
 def _one_at_a_time() -> bool:
     """A prefork child, or a solo worker: one task at a time, in the main thread."""
-    solo = _worker is not None and _worker[0] == "solo" and os.getpid() == _worker[1]
-    return (solo or _prefork_child()) and threading.current_thread() is threading.main_thread()
+    one = _worker is not None and _config.one_at_a_time(_worker[0], os.getpid() == _worker[1])
+    return one and threading.current_thread() is threading.main_thread()
 
 
 class Runtime:

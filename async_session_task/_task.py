@@ -266,3 +266,8 @@ def _as_parent(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     finally:
         _task_stack.pop()
+
+
+def async_session_tasks(app: Any) -> list[AsyncSessionTask]:
+    """The ``AsyncSessionTask`` tasks of ``app`` (which this finalizes), by name."""
+    return [task for _, task in sorted(app.tasks.items()) if isinstance(task, AsyncSessionTask)]

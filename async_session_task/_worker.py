@@ -24,7 +24,7 @@ from ._factory import factories
 from ._lifespan import lifespans
 from ._on_commit import publish_failures
 from ._session import runs, task_factory
-from ._task import AsyncSessionTask
+from ._task import AsyncSessionTask, async_session_tasks
 
 logger = logging.getLogger("async_session_task")
 
@@ -37,9 +37,6 @@ _runtime.hooks.stopping.append(factories.dispose)
 _runtime.hooks.lost.append(lifespans.forget)
 _runtime.hooks.lost.append(factories.forget)
 
-#: Pool names as ``-P`` spells them, by the module of Celery's pool class.
-_POOL_NAMES = {"thread": "threads", "processes": "prefork"}
-
 
 def on_worker_init(sender: Any = None, **_: Any) -> None:
     """``worker_init``: sent once, in the worker's main process, for every pool, after the
@@ -47,8 +44,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     is recorded here)."""
     pool_cls = getattr(sender, "pool_cls", None)
     name = pool_cls if isinstance(pool_cls, str) else getattr(pool_cls, "__module__", "")
-    pool = name.rsplit(".", 1)[-1]
-    _runtime.set_worker_pool(_POOL_NAMES.get(pool, pool), os.getpid())
+    _runtime.set_worker_pool(_config.pool_name(name), os.getpid())
     app = getattr(sender, "app", None)
     if app is not None:
         check_worker_tasks(app)
@@ -61,37 +57,35 @@ def check_worker_tasks(app: Any) -> None:
     The worker still starts (it may serve other tasks); such a task fails each run with the
     same :class:`ImproperlyConfigured` message, made by the same code.
     """
-    for name, task in sorted(app.tasks.items()):
-        if not isinstance(task, AsyncSessionTask):
-            continue
+    for task in async_session_tasks(app):
         engines: dict[_config.EngineKey, AsyncEngine] = {}
         try:
             _factory.session_factory(_config.Settings.of(task), engines)
         except ImproperlyConfigured as exc:
-            logger.error("Task %s will fail every run: %s", name, exc)
+            logger.error("Task %s will fail every run: %s", task.name, exc)
         for engine in engines.values():  # made, never connected: nothing to close
             engine.sync_engine.dispose(close=False)
         try:
             _config.lifespan_of(task)
         except ImproperlyConfigured as exc:
-            logger.error("Task %s will fail every run: %s", name, exc)
+            logger.error("Task %s will fail every run: %s", task.name, exc)
 
 
 def check_pool_capacity(app: Any, concurrency: int | None) -> None:
     """Warn once per pool when one process runs more tasks at once than its engine can
     give connections to (threads, gevent, eventlet; prefork and solo run one at a time)."""
-    if not concurrency or _runtime.worker_pool() in ("prefork", "solo"):
+    pool = _runtime.worker_pool()
+    if not concurrency or pool is None:
         return
+    _, runs = _config.processes_and_runs(pool, concurrency)
     warned: set[tuple[Any, ...]] = set()
-    for task in app.tasks.values():
-        if not isinstance(task, AsyncSessionTask):
-            continue
+    for task in async_session_tasks(app):
         try:
             settings = _config.Settings.of(task)
             capacity, where = _factory.pool_capacity(settings)
         except Exception:  # misconfiguration is reported by check_worker_tasks
             continue
-        if capacity is None or capacity >= concurrency or where in warned:
+        if capacity is None or capacity >= runs or where in warned:
             continue
         warned.add(where)
         logger.warning(
@@ -99,9 +93,9 @@ def check_pool_capacity(app: Any, concurrency: int | None) -> None:
             "%d tasks at once in one process: runs will wait for a connection (and fail "
             "after pool_timeout). Raise pool_size/max_overflow in %s to %d or more.",
             capacity,
-            concurrency,
+            runs,
             "async_session_engine_options" if settings.maker is None else "your engine",
-            concurrency,
+            runs,
         )
 
 
