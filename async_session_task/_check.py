@@ -14,31 +14,21 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import click
 from celery.app.utils import find_app
 from celery.bin.base import CeleryCommand
 from celery.exceptions import ImproperlyConfigured
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from . import _config, _factory, _ping
-from ._task import AsyncSessionTask
+from ._probe import Target, probe
+from ._task import async_session_tasks
 
 OK, WARN, ERROR, SKIP = "OK", "WARN", "ERROR", "SKIP"
-#: ``-P`` as Celery spells it.
-POOLS = ("prefork", "processes", "solo", "threads", "gevent", "eventlet")
-#: What the server says of its connections, in one round trip (statement_timeout in ms).
-_SERVER_FACTS = text(
-    "select current_setting('server_version'), current_setting('max_connections')::int, "
-    "current_setting('superuser_reserved_connections')::int, (select count(*) from "
-    "pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()), "
-    "(select setting::int from pg_settings where name = 'statement_timeout')"
-)
 #: The statement-cache options that transaction pooling needs (docs/check.md#pgbouncer).
 _CACHE_OFF = {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
 
@@ -50,28 +40,12 @@ class Row:
     detail: str
 
 
-@dataclass
-class Target:
-    """One engine the app's tasks use, with what a probe found out about its server."""
-
-    engine: AsyncEngine
-    settings: _config.Settings
-    tasks: list[Any] = field(default_factory=list)
-    error: str = ""
-    connect_ms: float = 0.0
-    facts: tuple[Any, ...] = ()
-    bouncer: str | None = None  # PgBouncer's version; "" when the server said none; None: unknown
-    bouncer_answer: str = ""
-    runs: int = 1  # runs at once per worker process
-    capacity: int = 1  # connections its pool gives one process
-
-
 def resolve_targets(app: Any) -> tuple[list[Row], list[Target]]:
     """Every AsyncSessionTask's session factory, by the first run's code; their engines."""
     rows: list[Row] = []
     targets: dict[int, Target] = {}
     engines: dict[_config.EngineKey, AsyncEngine] = {}
-    tasks = [t for _, t in sorted(app.tasks.items()) if isinstance(t, AsyncSessionTask)]
+    tasks = async_session_tasks(app)
     for task in tasks:
         settings = _config.Settings.of(task)
         try:
@@ -91,64 +65,18 @@ def resolve_targets(app: Any) -> tuple[list[Row], list[Target]]:
     return rows, list(targets.values())
 
 
-async def probe(target: Target) -> None:
-    """Connect with the configured driver; ask the server (and a PgBouncer) about itself."""
-    engine = target.engine
-    started = time.perf_counter()
-    try:
-        async with engine.connect() as conn:
-            target.connect_ms = (time.perf_counter() - started) * 1000
-            if engine.dialect.name == "postgresql":
-                target.facts = tuple((await conn.execute(_SERVER_FACTS)).one())
-            else:
-                target.facts = (".".join(map(str, engine.dialect.server_version_info or ())),)
-    except Exception as exc:  # any driver's failure to connect is this row's finding
-        # The driver's own error, not SQLAlchemy's wrappers of it.
-        cause = getattr(exc, "orig", None) or exc
-        cause = cause.__cause__ or cause
-        target.error = f"{type(cause).__name__}: {str(cause).strip()}".splitlines()[0]
-        return
-    finally:
-        # Closed at once: the next engine's count of connections in use excludes ours.
-        await engine.dispose()
-    if engine.dialect.driver != "asyncpg":
-        return
-    url = engine.url
-    try:
-        # PgBouncer answers for its admin console, "pgbouncer", with its own version as the
-        # server_version parameter; PostgreSQL has no such database (docs/check.md#pgbouncer).
-        login = {"host": url.host, "port": url.port, "user": url.username}
-        console = await asyncpg.connect(
-            **login, password=url.password, database="pgbouncer", timeout=10
-        )
-    except asyncpg.InvalidCatalogNameError as exc:
-        target.bouncer, target.bouncer_answer = "", str(exc)
-    except asyncpg.PostgresError as exc:
-        # An admin console that refuses a user not in admin_users/stats_users.
-        target.bouncer = "(version not shown to this user)" if "not allowed" in str(exc) else None
-        target.bouncer_answer = str(exc)
-    except (TimeoutError, OSError) as exc:
-        target.bouncer_answer = f"{type(exc).__name__}: {exc}"
-    else:
-        version = console.get_settings().server_version
-        await console.close()
-        target.bouncer = version.removesuffix("/bouncer") if "bouncer" in version else ""
-        target.bouncer_answer = f"server_version {version}"
-
-
 async def probe_all(app: Any, targets: list[Target]) -> Row:
     """Probe every engine, then enter and exit the lifespan; the row of the lifespan."""
     for target in targets:
         await probe(target)
     lifespans: dict[int, Callable[[Any], Any]] = {}
-    for task in app.tasks.values():
-        if isinstance(task, AsyncSessionTask):
-            try:
-                found = _config.lifespan_of(task)
-            except ImproperlyConfigured as exc:
-                return Row(ERROR, "lifespan", str(exc))
-            if found is not None:
-                lifespans[id(found)] = found
+    for task in async_session_tasks(app):
+        try:
+            found = _config.lifespan_of(task)
+        except ImproperlyConfigured as exc:
+            return Row(ERROR, "lifespan", str(exc))
+        if found is not None:
+            lifespans[id(found)] = found
     if not lifespans:
         return Row(SKIP, "lifespan", "not configured")
     started = time.perf_counter()
@@ -162,32 +90,37 @@ async def probe_all(app: Any, targets: list[Target]) -> Row:
     return Row(OK, "lifespan", f"entered and exited in {time.perf_counter() - started:.2f} s")
 
 
-def target_rows(target: Target) -> list[Row]:
-    """The rows of one engine, from what its probe found."""
+def pool_sizing(engine: AsyncEngine, runs: int) -> tuple[int, str]:
+    """The connections one process's pool of ``engine`` gives ``runs`` runs at once, and
+    what sets that number."""
+    pool = engine.sync_engine.pool
+    limit = _factory.pool_limit(pool)
+    if limit is None:
+        return runs, f"{type(pool).__name__}: a connection per run"
+    size = pool.size()  # type: ignore[attr-defined]  # a QueuePool, as pool_limit says
+    return limit, f"pool_size {size} + max_overflow {limit - size}"
+
+
+def target_rows(target: Target, runs: int) -> list[Row]:
+    """The rows of one engine whose worker processes run ``runs`` runs at once, from what
+    its probe found."""
     engine, facts = target.engine, target.facts
     url = engine.url.render_as_string(hide_password=True)
     names = ", ".join(t.name for t in target.tasks[:3]) + (", ..." if len(target.tasks) > 3 else "")
     if target.error:
         return [Row(ERROR, "database", f"cannot connect to {url} ({names}): {target.error}")]
     is_pg = engine.dialect.name == "postgresql"
-    server = f"{'PostgreSQL ' if is_pg else ''}{facts[0]}, driver {engine.dialect.driver}"
+    server = f"{'PostgreSQL ' if is_pg else ''}{facts.version}, driver {engine.dialect.driver}"
     detail = f"{url}: connected in {target.connect_ms:.0f} ms, {server}"
     rows = [Row(OK, "database", f"{detail}; {len(target.tasks)} task(s): {names}")]
-    runs = target.runs
-    sync_pool = engine.sync_engine.pool
-    limit = _factory.pool_limit(sync_pool)
-    if limit is not None:
-        size = sync_pool.size()  # type: ignore[attr-defined]  # a QueuePool, as limit says
-        capacity, sizing = limit, f"pool_size {size} + max_overflow {limit - size}"
-    else:
-        capacity, sizing = runs, f"{type(sync_pool).__name__}: a connection per run"
-    target.capacity = capacity
+    capacity, sizing = pool_sizing(engine, runs)
     if capacity < runs:
         detail = f"{sizing} < {runs} runs at once per process: runs wait for a connection"
         rows.append(Row(WARN, "pool", f"{detail}; raise pool_size + max_overflow"))
     else:
         rows.append(Row(OK, "pool", f"{sizing} for {runs} run(s) at once per process"))
     rows.append(bouncer_row(target))
+    sync_pool = engine.sync_engine.pool
     if _ping.installed(engine):
         rows.append(Row(OK, "pool_pre_ping", "on (SELECT 1, one round trip)"))
     elif getattr(sync_pool, "_pre_ping", False):  # Pool keeps it private
@@ -198,34 +131,39 @@ def target_rows(target: Target) -> list[Row]:
         detail = "off: after a database restart each pooled connection fails one run"
         rows.append(Row(WARN, "pool_pre_ping", f"{detail}; set pool_pre_ping=True"))
     if is_pg:
-        rows.append(timeout_row(target, facts[4]))
+        rows.append(timeout_row(target))
     return rows
 
 
-def budget_rows(targets: list[Target], processes: int) -> list[Row]:
-    """Connections the worker's processes may hold on each server, against what it has free."""
-    servers: dict[tuple[Any, ...], list[Target]] = {}
+def budget_rows(targets: list[Target], processes: int, runs: int) -> list[Row]:
+    """Connections ``processes`` worker processes of ``runs`` runs at once may hold on each
+    server, against what it has free. A server is the one the probes reached, however the
+    URLs spell it."""
+    servers: dict[tuple[Any, bool], list[Target]] = {}
     for target in targets:
         if target.engine.dialect.name == "postgresql" and not target.error:
-            url = target.engine.url
-            servers.setdefault((url.host, url.port, bool(target.bouncer)), []).append(target)
+            server = (target.facts.server, bool(target.bouncer))
+            servers.setdefault(server, []).append(target)
     rows = []
-    for (host, port, bouncer), group in servers.items():
-        needed = sum(processes * min(t.capacity, t.runs) for t in group)
-        ceiling = sum(processes * t.capacity for t in group)
+    for (_, bouncer), group in servers.items():
+        capacities = [pool_sizing(t.engine, runs)[0] for t in group]
+        needed = sum(processes * min(capacity, runs) for capacity in capacities)
+        ceiling = sum(processes * capacity for capacity in capacities)
         if bouncer:
             detail = f"{needed} client connections through PgBouncer, which sizes the server's"
             rows.append(Row(OK, "connection budget", f"{detail} share"))
             continue
-        _, max_connections, reserved, in_use, _ = group[0].facts
-        free = max_connections - reserved - in_use
-        terms = " + ".join(str(min(t.capacity, t.runs)) for t in group)
+        # The fullest the server was while the probes ran.
+        facts = max((t.facts for t in group), key=lambda facts: facts.in_use)
+        free = facts.max_connections - facts.reserved - facts.in_use
+        terms = " + ".join(str(min(capacity, runs)) for capacity in capacities)
+        urls = dict.fromkeys(f"{t.engine.url.host}:{t.engine.url.port or 5432}" for t in group)
         detail = (
-            f"{host}:{port or 5432}: {processes} process(es) x "
-            f"{terms if len(group) == 1 else f'({terms})'} = {needed}"
+            f"{', '.join(urls)}{' (one server)' if len(urls) > 1 else ''}: {processes} "
+            f"process(es) x {terms if len(group) == 1 else f'({terms})'} = {needed}"
             + (f" (the pools could open {ceiling})" if ceiling > needed else "")
             + f" {'>' if needed > free else '<='} {free} free (max_connections "
-            f"{max_connections} - {reserved} reserved - {in_use} in use)"
+            f"{facts.max_connections} - {facts.reserved} reserved - {facts.in_use} in use)"
         )
         rows.append(Row(ERROR if needed > free else OK, "connection budget", detail))
     return rows
@@ -256,15 +194,13 @@ def bouncer_row(target: Target) -> Row:
     ))  # fmt: skip
 
 
-def timeout_row(target: Target, statement_timeout_ms: int) -> Row:
+def timeout_row(target: Target) -> Row:
     """The server's statement_timeout against the smallest time limit of the tasks."""
+    statement_timeout_ms = target.facts.statement_timeout_ms
     limits = {}
     for task in target.tasks:
-        conf = task.app.conf
-        soft = task.soft_time_limit or conf.task_soft_time_limit
-        hard = task.time_limit or conf.task_time_limit
-        if soft or hard:
-            limits[task.name] = min(x for x in (soft, hard) if x)
+        if given := [limit for limit in _config.task_time_limits(task) if limit]:
+            limits[task.name] = min(given)
     if not limits:
         return Row(OK, "statement_timeout", f"{statement_timeout_ms} ms; no task time limits")
     name, limit = min(limits.items(), key=lambda item: item[1])
@@ -278,17 +214,14 @@ def timeout_row(target: Target, statement_timeout_ms: int) -> Row:
 def run_check(app: Any, pool: str | None = None, concurrency: int | None = None) -> list[Row]:
     """The rows of the check of ``app`` for ``-P pool -c concurrency`` (defaults: app.conf)."""
     app.loader.import_default_modules()
-    pool = {"processes": "prefork"}.get(pool or app.conf.worker_pool, pool or app.conf.worker_pool)
+    pool = _config.pool_name(pool or app.conf.worker_pool)
     concurrency = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
-    # prefork: a process per run, one run at a time; solo: one; others: -c runs in one process.
-    processes, runs = {"prefork": (concurrency, 1), "solo": (1, 1)}.get(pool, (1, concurrency))
+    processes, runs = _config.processes_and_runs(pool, concurrency)
     rows, targets = resolve_targets(app)
-    for target in targets:
-        target.runs = runs
     lifespan = asyncio.run(probe_all(app, targets))
     for target in targets:
-        rows += target_rows(target)
-    rows += [*budget_rows(targets, processes), lifespan]
+        rows += target_rows(target, runs)
+    rows += [*budget_rows(targets, processes, runs), lifespan]
     # URLs are rendered with hide_password=True; a driver's message might still quote one.
     for password in {str(t.engine.url.password) for t in targets if t.engine.url.password}:
         for row in rows:
@@ -303,7 +236,7 @@ def async_session() -> None:
 
 @async_session.command(cls=CeleryCommand)
 @click.option("-A", "--app", "app_name", help="The app, as for celery -A (else celery's -A).")
-@click.option("-P", "--pool", type=click.Choice(POOLS), help="Default: worker_pool.")
+@click.option("-P", "--pool", type=click.Choice(_config.POOLS), help="Default: worker_pool.")
 @click.option("-c", "--concurrency", type=int, help="Default: worker_concurrency, else CPUs.")
 @click.pass_context
 def check(

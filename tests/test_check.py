@@ -112,6 +112,33 @@ def test_a_budget_over_max_connections(database_url: str) -> None:
     assert lines[-1] == "1 error(s)"
 
 
+def test_one_server_under_two_spellings(database_url: str) -> None:
+    """Two tasks on one server, one URL with ``localhost`` and no port, one with
+    ``127.0.0.1:5432``: the server's budget adds both (50 + 50 > what 100 connections leave)."""
+    url = make_url(database_url).set(password=PASSWORD)
+    first, second = url.set(host="localhost", port=None), url.set(host="127.0.0.1", port=5432)
+    code, lines = check(
+        first.render_as_string(hide_password=False),
+        "-P",
+        "prefork",
+        "-c",
+        "50",
+        celery=True,
+        AST_CHECK_SECOND_URL=second.render_as_string(hide_password=False),
+        AST_CHECK_ENGINE_OPTIONS='{"pool_size": 1, "max_overflow": 0}',
+    )
+    assert code == 1, "\n".join(lines)
+    assert "2 of 2 tasks resolve, 2 engine(s)" in line(lines, "OK     session factories ")
+    assert [text for text in lines if "connection budget" in text] == [
+        line(lines, "ERROR  connection budget ")
+    ]
+    budget = line(lines, "ERROR  connection budget ")
+    assert (
+        "localhost:5432, 127.0.0.1:5432 (one server): 50 process(es) x (1 + 1) = 100 > " in budget
+    )
+    assert lines[-1] == "1 error(s)"
+
+
 @dataclass
 class SharedServer:
     port: int

@@ -2,7 +2,8 @@
 
 ``AST_CHECK_URL`` and ``AST_CHECK_ENGINE_OPTIONS`` (JSON) set its database;
 ``AST_CHECK_PGBOUNCER=1`` adds the statement-cache options of transaction pooling, and
-``AST_CHECK_LIFESPAN`` names a lifespan below.
+``AST_CHECK_LIFESPAN`` names a lifespan below. ``AST_CHECK_SECOND_URL`` adds a second task,
+``check.second``, with a URL of its own (and the same engine options).
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ app.conf.update(
 @app.task(bind=True, base=AsyncSessionTask, name="check.query")
 async def query(self: AsyncSessionTask) -> Any:
     return await self.session.scalar(text("select 1"))
+
+
+if second_url := os.environ.get("AST_CHECK_SECOND_URL"):
+
+    @app.task(
+        bind=True,
+        base=AsyncSessionTask,
+        name="check.second",
+        async_session_url=second_url,
+        async_session_engine_options=options,
+    )
+    async def second(self: AsyncSessionTask) -> Any:
+        return await self.session.scalar(text("select 2"))
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,107 @@
+"""What the check command learns by asking: each engine's server, and a PgBouncer in front.
+
+One :class:`Target` per engine the app's tasks use; :func:`probe` connects once with the
+configured driver and records what the server said, then disposes the engine, so the next
+probe's count of connections in use excludes this one. ``_check`` judges what was found.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import asyncpg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import _config
+
+#: What PostgreSQL says of itself in one round trip, in the order of :class:`ServerFacts`.
+_SERVER_FACTS = text(
+    "select current_setting('server_version'), current_setting('max_connections')::int, "
+    "current_setting('superuser_reserved_connections')::int, (select count(*) from "
+    "pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()), "
+    "(select setting::int from pg_settings where name = 'statement_timeout'), "
+    "(select system_identifier from pg_control_system()), pg_postmaster_start_time()"
+)
+
+
+class ServerFacts(NamedTuple):
+    """What a server said; a database other than PostgreSQL says only its version."""
+
+    version: str
+    max_connections: int = 0
+    reserved: int = 0  # superuser_reserved_connections
+    in_use: int = 0  # client connections open, the probe's own excluded
+    statement_timeout_ms: int = 0
+    system_identifier: int | None = None
+    started: datetime.datetime | None = None
+
+    @property
+    def server(self) -> tuple[Any, ...]:
+        """Equal for every URL that reaches this server, however it spells the host and
+        port: the cluster's system identifier, which a physical replica shares, and when
+        its postmaster started, which it does not."""
+        return self.system_identifier, self.started
+
+
+@dataclass
+class Target:
+    """One engine the app's tasks use, with what a probe found out about its server."""
+
+    engine: AsyncEngine
+    settings: _config.Settings
+    tasks: list[Any] = field(default_factory=list)
+    error: str = ""
+    connect_ms: float = 0.0
+    facts: ServerFacts = field(default_factory=lambda: ServerFacts(""))  # before the probe
+    bouncer: str | None = None  # PgBouncer's version; "" when the server said none; None: unknown
+    bouncer_answer: str = ""
+
+
+async def probe(target: Target) -> None:
+    """Connect with the configured driver; ask the server (and a PgBouncer) about itself."""
+    engine = target.engine
+    started = time.perf_counter()
+    try:
+        async with engine.connect() as conn:
+            target.connect_ms = (time.perf_counter() - started) * 1000
+            if engine.dialect.name == "postgresql":
+                target.facts = ServerFacts(*(await conn.execute(_SERVER_FACTS)).one())
+            else:
+                version = ".".join(map(str, engine.dialect.server_version_info or ()))
+                target.facts = ServerFacts(version)
+    except Exception as exc:  # any driver's failure to connect is this row's finding
+        # The driver's own error, not SQLAlchemy's wrappers of it.
+        cause = getattr(exc, "orig", None) or exc
+        cause = cause.__cause__ or cause
+        target.error = f"{type(cause).__name__}: {str(cause).strip()}".splitlines()[0]
+        return
+    finally:
+        # Closed at once: the next engine's count of connections in use excludes ours.
+        await engine.dispose()
+    if engine.dialect.driver != "asyncpg":
+        return
+    url = engine.url
+    try:
+        # PgBouncer answers for its admin console, "pgbouncer", with its own version as the
+        # server_version parameter; PostgreSQL has no such database (docs/check.md#pgbouncer).
+        login = {"host": url.host, "port": url.port, "user": url.username}
+        console = await asyncpg.connect(
+            **login, password=url.password, database="pgbouncer", timeout=10
+        )
+    except asyncpg.InvalidCatalogNameError as exc:
+        target.bouncer, target.bouncer_answer = "", str(exc)
+    except asyncpg.PostgresError as exc:
+        # An admin console that refuses a user not in admin_users/stats_users.
+        target.bouncer = "(version not shown to this user)" if "not allowed" in str(exc) else None
+        target.bouncer_answer = str(exc)
+    except (TimeoutError, OSError) as exc:
+        target.bouncer_answer = f"{type(exc).__name__}: {exc}"
+    else:
+        version = console.get_settings().server_version
+        await console.close()
+        target.bouncer = version.removesuffix("/bouncer") if "bouncer" in version else ""
+        target.bouncer_answer = f"server_version {version}"
