@@ -1,29 +1,11 @@
-"""Helpers for testing ``AsyncSessionTask`` tasks.
-
-* ``rollback_sessions``: run tasks in the test process (``apply()``, eager mode, a direct
-  call) with every session bound to one connection whose transaction is rolled back at the
-  end, so tests are isolated even when the tasks commit.
-* ``worker_process``: a real ``celery worker`` in a subprocess, on a queue of its own.
-* ``override_lifespan_state``: runs in the test process see a state of the test's own
-  instead of entering the ``async_session_lifespan``.
-
-The pytest plugin of this package (``async_session_task._pytest_plugin``, registered through
-the ``pytest11`` entry point) wraps both in fixtures.
-"""
+"""Runs in the test process on connections whose transaction is rolled back at the end
+(``async_session_task.testing`` names them)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from celery.canvas import Signature
@@ -31,154 +13,12 @@ from celery.exceptions import ImproperlyConfigured
 from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from . import _on_commit
-from ._factory import factories
-from ._lifespan import lifespans
-from ._runtime import get_runtime
-from ._task import AsyncSessionTask
-
-__all__ = [
-    "QueuedCalls",
-    "RollbackSessions",
-    "WorkerProcess",
-    "file_broker_settings",
-    "override_lifespan_state",
-    "rollback_sessions",
-    "worker_process",
-]
+from async_session_task import _on_commit
+from async_session_task._factory import factories
+from async_session_task._runtime import get_runtime
+from async_session_task._task import AsyncSessionTask, async_session_tasks
 
 T = TypeVar("T")
-
-#: Lines a worker writes when a loop, a connection or a session was not shut down properly.
-SHUTDOWN_PROBLEMS = (
-    "Event loop is closed",
-    "was not closed",
-    "never awaited",
-    "still registered at shutdown",
-    "Unclosed",
-    "Task was destroyed but it is pending",
-)
-
-
-def file_broker_settings(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Celery settings for a broker and result backend that need no server.
-
-    kombu's filesystem transport carries the messages (control commands such as ``ping``
-    included) and Celery's file backend stores the results, both in ``folder``, which the
-    test process and its workers must share. For ``app.conf.update(...)``; slower than
-    Redis, and for one machine only. The transport is kombu's, except that a message file
-    appears only once it is complete (see ``_filebroker``).
-    """
-    root = Path(folder)
-    messages, control, results = root / "messages", root / "control", root / "results"
-    for path in (messages, control, results):
-        path.mkdir(parents=True, exist_ok=True)
-    return {
-        "broker_url": "filesystem://",
-        "broker_transport": "async_session_task._filebroker:Transport",
-        "broker_transport_options": {
-            "data_folder_in": str(messages),
-            "data_folder_out": str(messages),
-            "control_folder": str(control),
-            # The transport polls its folder; the default (1 s) makes every ping slow.
-            "polling_interval": 0.05,
-        },
-        "result_backend": f"file://{results}",
-    }
-
-
-@dataclass
-class WorkerProcess:
-    """A running ``celery worker`` started by ``worker_process``."""
-
-    app: Any
-    nodename: str
-    queue: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def log(self) -> str:
-        """Everything the worker has written to stdout and stderr so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def ping(self, timeout: float = 1.0) -> bool:
-        replies = self.app.control.ping(destination=[self.nodename], timeout=timeout)
-        return any(self.nodename in reply for reply in replies)
-
-    def send(self, task: Any, *args: Any, **options: Any) -> Any:
-        """Send ``task`` (or a task name) with ``args`` to this worker's queue, through
-        ``app``'s broker (which may differ from the broker the task's own app uses)."""
-        name = task if isinstance(task, str) else task.name
-        return self.app.send_task(name, args, queue=self.queue, **options)
-
-    def child_pids(self) -> list[int]:
-        stats = self.app.control.inspect(destination=[self.nodename], timeout=2).stats() or {}
-        pool = stats.get(self.nodename, {}).get("pool", {})
-        return [int(pid) for pid in pool.get("processes", [])]
-
-    def shutdown_problems(self) -> list[str]:
-        """Log lines that tell of a loop, connection or session not shut down properly."""
-        return [
-            line
-            for line in self.log.splitlines()
-            if any(problem in line for problem in SHUTDOWN_PROBLEMS)
-        ]
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """Warm shutdown (SIGTERM): running tasks finish, then the worker exits."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise RuntimeError(f"worker {self.nodename} did not stop:\n{self.log}") from None
-
-
-@contextlib.contextmanager
-def worker_process(
-    app: Any,
-    module: str,
-    *,
-    pool: str = "prefork",
-    concurrency: int = 2,
-    env: Mapping[str, str] | None = None,
-    args: Sequence[str] = (),
-    name: str | None = None,
-    startup_timeout: float = 60.0,
-) -> Iterator[WorkerProcess]:
-    """Run ``celery -A module worker`` in a subprocess on a queue of its own.
-
-    ``app`` is the same Celery app in the calling process (used to ping the worker and to
-    send tasks); ``module`` is its import path, as for ``celery -A``. ``name`` (random by
-    default) names the queue ``q-<name>`` and the node ``w-<name>@<host>``. The worker is ready
-    when it answers a ping; on exit it gets a warm shutdown and is waited for.
-    """
-    name = name or uuid.uuid4().hex[:12]
-    queue = f"q-{name}"
-    nodename = f"w-{name}@{os.uname().nodename}"
-    with tempfile.TemporaryDirectory(prefix="ast-worker-") as tmp:
-        log_path = Path(tmp) / "worker.log"
-        command = [
-            sys.executable, "-m", "celery", "-A", module, "worker",
-            "-P", pool, "-c", str(concurrency), "-Q", queue, "-n", nodename,
-            "--without-gossip", "--without-mingle", "-l", "INFO", *args,
-        ]  # fmt: skip
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-            )
-        worker = WorkerProcess(app, nodename, queue, process, log_path)
-        try:
-            deadline = time.monotonic() + startup_timeout
-            while not worker.ping():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"worker {nodename} did not start:\n{worker.log}")
-            yield worker
-        finally:
-            worker.stop()
 
 
 @dataclass
@@ -284,10 +124,10 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
         ValueError: a task's ``async_session_maker`` is not bound to one ``AsyncEngine``.
     """
     runtime = get_runtime()
-    chosen = list(app.tasks.values()) if tasks is None else list(tasks)
+    chosen = async_session_tasks(app) if tasks is None else list(map(_unproxied, tasks))
     originals: dict[type[Any], async_sessionmaker[Any]] = {}
-    for task in map(_unproxied, chosen):
-        if not isinstance(task, AsyncSessionTask):
+    for task in chosen:
+        if not isinstance(task, AsyncSessionTask):  # a task of another base: left alone
             continue
         try:
             originals[type(task)] = factories.maker_for(task)
@@ -314,18 +154,6 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
     finally:
         for transaction in transactions.values():
             runtime.call(transaction.end())
-
-
-@contextlib.contextmanager
-def override_lifespan_state(state: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    """Within the block, runs in this process (``apply()``, eager mode, a direct call) see
-    ``state`` as their ``lifespan_state()``, and no ``async_session_lifespan`` is entered:
-    a test substitutes its own clients (a fake HTTP transport, a test Redis database).
-
-    Runs in worker processes are not affected.
-    """
-    with lifespans.substitute(state):
-        yield state
 
 
 def _unproxied(task: Any) -> Any:
