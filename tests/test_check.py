@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from celery.concurrency import ALIASES
 from sqlalchemy.engine import make_url
 
+from async_session_task import _config
 from tests.conftest import unavailable
 from tests.faults.services import PrivatePgBouncer, pgbouncer_missing
 
@@ -137,6 +139,20 @@ def test_one_server_under_two_spellings(database_url: str) -> None:
         "localhost:5432, 127.0.0.1:5432 (one server): 50 process(es) x (1 + 1) = 100 > " in budget
     )
     assert lines[-1] == "1 error(s)"
+
+
+def test_processes_is_prefork(database_url: str) -> None:
+    """``-P processes`` is Celery's other name for prefork: a process per run."""
+    code, lines = check(database_url, "-P", "processes", "-c", "3")
+    assert code == 0, "\n".join(lines)
+    assert line(lines, "OK     worker ").endswith("check_app: -P prefork -c 3")
+    assert "3 process(es) x 1 = 3" in line(lines, "OK     connection budget ")
+
+
+@pytest.mark.parametrize("pool", _config.POOLS)
+def test_pool_names_are_celerys(pool: str) -> None:
+    """A pool's ``-P`` name and the import path Celery resolves it to name the same pool."""
+    assert _config.pool_name(ALIASES[pool]) == _config.pool_name(pool)
 
 
 @dataclass
