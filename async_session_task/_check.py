@@ -3,9 +3,10 @@
 Registered in the ``celery.commands`` entry point group, as Flower registers ``celery flower``
 (Celery's CLI adds every command of that group), and reachable as
 ``python -m async_session_task check -A proj``. Sessions are resolved by the same code as a
-task's first run (:func:`_factory.session_factory`); probes run on a private event loop
-(``asyncio.run``: a command, not a worker) that disposes every engine it connected. No line
-shows a password (docs/check.md).
+task's first run (:func:`_factory.session_factory`); the probes (``_probe``) run on a
+private event loop (``asyncio.run``: a command, not a worker) that disposes every engine it
+connected; each ``*_rows`` function then reads only what it is given. No line shows a
+password (docs/check.md).
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ def processes_and_runs(pool: str, concurrency: int) -> tuple[int, int]:
 def one_at_a_time(pool: str, main_process: bool) -> bool:
     """Whether a process of a worker on ``pool`` runs one body at a time, in its main thread:
     a prefork child (the prefork main process runs none), the one process of solo."""
-    return pool == ("solo" if main_process else "prefork")
+    return (pool == "prefork" and not main_process) or (pool == "solo" and main_process)
 
 
 def stall_threshold(conf: Any) -> float:
