@@ -24,7 +24,7 @@ _SERVER_FACTS = text(
     "current_setting('superuser_reserved_connections')::int, (select count(*) from "
     "pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()), "
     "(select setting::int from pg_settings where name = 'statement_timeout'), "
-    "(select system_identifier from pg_control_system()), pg_postmaster_start_time()"
+    "pg_postmaster_start_time(), current_setting('port')::int"
 )
 
 
@@ -36,15 +36,16 @@ class ServerFacts(NamedTuple):
     reserved: int = 0  # superuser_reserved_connections
     in_use: int = 0  # client connections open, the probe's own excluded
     statement_timeout_ms: int = 0
-    system_identifier: int | None = None
-    started: datetime.datetime | None = None
+    started: datetime.datetime | None = None  # pg_postmaster_start_time()
+    port: int = 0  # the port the server listens on, whatever port the URL reached
 
     @property
     def server(self) -> tuple[Any, ...]:
-        """Equal for every URL that reaches this server, however it spells the host and
-        port: the cluster's system identifier, which a physical replica shares, and when
-        its postmaster started, which it does not."""
-        return self.system_identifier, self.started
+        """Equal for every URL that reaches this running server, however it spells the host
+        and port. Not ``inet_server_addr()``: ``localhost`` may reach it on ``::1``, a Unix
+        socket has none. Not the system identifier of ``pg_control_system()``: a physical
+        replica shares it, and an operator may revoke ``EXECUTE`` on it from ``PUBLIC``."""
+        return self.started, self.port
 
 
 @dataclass

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 from async_session_task import _config
 from tests.conftest import unavailable
-from tests.faults.services import PrivatePgBouncer, pgbouncer_missing
+from tests.faults.services import PrivatePgBouncer, PrivatePostgres, missing, pgbouncer_missing
 
 pytestmark = pytest.mark.services
 
@@ -138,6 +138,43 @@ def test_one_server_under_two_spellings(database_url: str) -> None:
     assert (
         "localhost:5432, 127.0.0.1:5432 (one server): 50 process(es) x (1 + 1) = 100 > " in budget
     )
+    assert lines[-1] == "1 error(s)"
+
+
+@pytest.fixture
+def guarded_postgres(services: None) -> Iterator[PrivatePostgres]:
+    """A private cluster of 20 connections with a role ``plain`` that has no grant, and
+    whose ``test`` database does not let it read the system identifier (as some operators
+    revoke ``pg_control_system()`` from PUBLIC)."""
+    unavailable(missing(), "service test")
+    postgres = PrivatePostgres("test", {"max_connections": "20"})
+    try:
+        postgres.execute("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+        postgres.execute("CREATE ROLE plain LOGIN")
+        yield postgres
+    finally:
+        postgres.destroy()
+
+
+def test_one_server_for_a_plain_user(guarded_postgres: PrivatePostgres) -> None:
+    """A user with no grant, on a server of 20 connections reached under two spellings of
+    its own port: one server (10 + 10 > what 20 leave)."""
+    url = make_url(f"postgresql+asyncpg://plain@localhost:{guarded_postgres.port}/test")
+    code, lines = check(
+        url.render_as_string(hide_password=False),
+        "-P",
+        "prefork",
+        "-c",
+        "10",
+        AST_CHECK_SECOND_URL=url.set(host="127.0.0.1").render_as_string(hide_password=False),
+        AST_CHECK_ENGINE_OPTIONS='{"pool_size": 1, "max_overflow": 0}',
+    )
+    assert code == 1, "\n".join(lines)
+    assert len([text for text in lines if text.startswith("OK     database ")]) == 2
+    budget = line(lines, "ERROR  connection budget ")
+    server = f"localhost:{guarded_postgres.port}, 127.0.0.1:{guarded_postgres.port}"
+    assert f"{server} (one server): 10 process(es) x (1 + 1) = 20 > " in budget
+    assert "(max_connections 20 - 3 reserved - " in budget
     assert lines[-1] == "1 error(s)"
 
 
