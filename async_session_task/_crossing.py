@@ -108,14 +108,13 @@ class Crossing:
 
     def hands_back(self) -> bool:
         """True where :meth:`call_in_worker` hands its call to the waiting worker: in a
-        driven greenlet, with a worker waiting in another thread or greenlet."""
+        driven greenlet or one below it, with a worker waiting in another thread or greenlet."""
         return self._waiter is not None and in_body()
 
     def call_in_worker(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """From the body, call ``fn`` in the worker thread or greenlet that waits for it.
 
-        Where the caller runs the loop, or outside a driven greenlet (inside
-        ``session.run_sync()``), ``fn`` is called right here.
+        Where the caller runs the loop, or outside any body, ``fn`` is called right here.
         """
         waiter = self._waiter
         if waiter is None or not in_body():
@@ -183,7 +182,7 @@ class _BodyGreenlet(greenlet):
     """
 
     def __init__(self) -> None:
-        super().__init__(_serve)
+        super().__init__(_step_bodies)
         #: The ended coroutine's value or exception, until drive() takes it.
         self.outcome: tuple[Any, BaseException | None] = (None, None)
 
@@ -194,13 +193,14 @@ _FINISHED = object()
 
 class _Nested:
     """An awaitable handed up by blocking code in the body (:func:`await_in_body`), to be
-    awaited by the asyncio task; anything else a body greenlet hands up is what the
-    coroutine yielded, passed to the task as it is."""
+    awaited by the asyncio task, and the greenlet to resume with its outcome; anything else
+    a body greenlet hands up is what the coroutine yielded, passed to the task as it is."""
 
-    __slots__ = ("awaitable",)
+    __slots__ = ("awaitable", "origin")
 
-    def __init__(self, awaitable: Awaitable[Any]) -> None:
+    def __init__(self, awaitable: Awaitable[Any], origin: greenlet) -> None:
         self.awaitable = awaitable
+        self.origin = origin
 
 
 #: Idle body greenlets of this thread (a greenlet can only be switched to in its own thread).
@@ -209,17 +209,17 @@ _idle = threading.local()
 _POOL_SIZE = 64
 
 
-def _serve(coro: Coroutine[Any, Any, Any]) -> None:
+def _step_bodies(coro: Coroutine[Any, Any, Any]) -> None:
     body: Any = getcurrent()
     while True:
-        body.outcome = _run(coro)
+        body.outcome = _outcome_of(coro)
         # Idle in this switch until the next body, holding only the ended coroutine: the
         # outcome travels on the greenlet, not as the switch's argument, which this frame
         # would keep (and with it the last result or traceback) while the greenlet is idle.
-        coro = _parent().switch(_FINISHED)
+        coro = _parent(body).switch(_FINISHED)
 
 
-def _run(coro: Coroutine[Any, Any, Any]) -> tuple[Any, BaseException | None]:
+def _outcome_of(coro: Coroutine[Any, Any, Any]) -> tuple[Any, BaseException | None]:
     try:
         return _step(coro), None
     except GreenletExit:
@@ -229,7 +229,7 @@ def _run(coro: Coroutine[Any, Any, Any]) -> tuple[Any, BaseException | None]:
 
 
 def _step(coro: Coroutine[Any, Any, Any]) -> Any:
-    parent = _parent()
+    parent = _parent(getcurrent())
     value: Any = None
     error: BaseException | None = None
     while True:
@@ -268,15 +268,19 @@ def drive(coro: Coroutine[Any, Any, T], holder: Any = None) -> Generator[Any, An
         if body.dead:  # ended by GreenletExit, which it returned: as an unpooled greenlet
             ended: T = item
             return ended
+        resume: greenlet = body
         try:
             if type(item) is _Nested:
+                # Handed up from the body's greenlet or one below it (run_sync()'s):
+                # its outcome goes back there.
+                resume = item.origin
                 sent = yield from item.awaitable.__await__()
             else:
                 sent = yield item
         except BaseException as exc:
-            item = body.throw(exc)
+            item = resume.throw(exc)
         else:
-            item = body.switch(sent)
+            item = resume.switch(sent)
     if holder is not None:
         holder.greenlet = None
     result: T
@@ -294,17 +298,34 @@ def drive(coro: Coroutine[Any, Any, T], holder: Any = None) -> Generator[Any, An
 
 
 def in_body() -> bool:
-    """True where :func:`await_in_body` can suspend: inside a driven coroutine's greenlet."""
-    return isinstance(getcurrent(), _BodyGreenlet)
+    """True where :func:`await_in_body` can suspend: in a driven coroutine's greenlet, or in
+    one below it (SQLAlchemy's, inside ``session.run_sync()`` or an ORM event hook)."""
+    return _body_of(getcurrent()) is not None
 
 
 def await_in_body(awaitable: Awaitable[T]) -> T:
-    """From blocking code inside a driven body, await ``awaitable`` on the running loop."""
-    result: T = _parent().switch(_Nested(awaitable))
+    """From blocking code inside a driven body, await ``awaitable`` on the running loop.
+
+    From a greenlet below the body's, the awaitable is handed straight to the loop's
+    greenlet and its outcome back to the caller; the greenlets in between stay suspended
+    where they are (docs/internals.md#publish-from-run-sync).
+    """
+    current = getcurrent()
+    body = _body_of(current)
+    assert body is not None, "await_in_body() is called inside a driven body"
+    result: T = _parent(body).switch(_Nested(awaitable, current))
     return result
 
 
-def _parent() -> greenlet:
-    parent = getcurrent().parent
+def _body_of(current: greenlet) -> _BodyGreenlet | None:
+    """The driven greenlet ``current`` is, or runs below (None: outside any body)."""
+    found: greenlet | None = current
+    while found is not None and type(found) is not _BodyGreenlet:
+        found = found.parent
+    return found
+
+
+def _parent(body: greenlet) -> greenlet:
+    parent = body.parent
     assert parent is not None, "a body greenlet always has the loop's greenlet as parent"
     return parent

@@ -20,7 +20,7 @@ from celery import Celery, group
 from celery.exceptions import Ignore, Reject
 from sqlalchemy import Integer, String, func, select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from async_session_task import AsyncSessionTask, current_session
 from tests.apps.models import Base, Note
@@ -308,3 +308,75 @@ async def uses_anyio(self: AsyncSessionTask, to_thread: bool = True) -> dict[str
         "off_loop": ident not in (None, threading.get_ident()),
         "moved_on": scope.cancelled_caught,
     }
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def publishes_in_run_sync(self: AsyncSessionTask, with_group: bool = True) -> dict[str, Any]:
+    """Publishes, updates its state and joins a subtask from sync code given to run_sync()
+    (the tuning of docs/performance.md): SQLAlchemy's greenlet, below the body's."""
+    queue = self.request.delivery_info["routing_key"]
+
+    def publish(session: Session) -> dict[str, Any]:
+        self.update_state(state="PROGRESS", meta={"in": "run_sync"})
+        child = probe.apply_async(queue=queue)
+        chained = (probe.si() | probe.si()).apply_async(queue=queue)
+        published = [child.id, chained.id]
+        if with_group:  # not on eventlet: docs/faq.md
+            grouped = group(probe.s() for _ in range(2)).apply_async(queue=queue)
+            published += [result.id for result in grouped.results]
+        report = child.get(disable_sync_subtasks=False, timeout=20)
+        return {"child_parent": report["parent_id"], "published": published}
+
+    return await self.session.run_sync(publish)
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def keeps_its_session(self: AsyncSessionTask, key: str) -> str:
+    """Leaves its session to a callback that uses it after the run ended."""
+    session = self.session
+    await session.execute(text("select 1"))
+
+    async def late() -> None:
+        for what in ("add", "execute"):
+            try:
+                if what == "add":
+                    session.add(Note(key=key, text="late"))
+                    await session.flush()
+                else:
+                    await session.execute(text("select 1"))
+            except Exception as exc:
+                logger.warning("late %s %s: %s: %s", key, what, type(exc).__name__, exc)
+            else:
+                logger.warning("late %s %s: done", key, what)
+
+    asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(late()))
+    return "returned"
+
+
+class ReadsSessionInHooks(AsyncSessionTask):
+    """Reads ``self.session`` in Celery's hooks around the body."""
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        super().before_start(task_id, args, kwargs)
+        logger.warning("hook before_start %s: %s", task_id, type(self.session).__name__)
+
+    def _hook(self, name: str, task_id: str) -> None:
+        try:
+            found = type(self.session).__name__
+        except RuntimeError as exc:
+            found = f"RuntimeError: {exc}"
+        logger.warning("hook %s %s: %s", name, task_id, found)
+
+    def on_failure(self, exc: Any, task_id: str, *args: Any) -> None:
+        self._hook("on_failure", task_id)
+
+    def after_return(self, status: Any, retval: Any, task_id: str, *args: Any) -> None:
+        self._hook("after_return", task_id)
+
+
+@app.task(bind=True, base=ReadsSessionInHooks)
+async def hooked(self: AsyncSessionTask, fail: bool) -> str:
+    await self.session.execute(text("select 1"))
+    if fail:
+        raise ValueError("failed on purpose")
+    return "done"
