@@ -4,7 +4,7 @@ from . import _worker  # noqa: F401  # connects the package's signals and inspec
 from ._lifespan import lifespan_state
 from ._on_commit import on_commit
 from ._pgbouncer import pgbouncer_engine_options
-from ._session import current_session
+from ._run import current_session
 from ._task import AsyncSessionTask
 
 __all__ = [

@@ -27,7 +27,7 @@ from contextvars import Context, ContextVar
 from typing import Any, TypeVar
 
 from . import _config
-from ._session import current_run
+from ._run import current_run
 
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")

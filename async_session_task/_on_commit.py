@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import concurrency
 
-from ._session import current_run, current_session, in_worker
+from ._run import current_run, current_session, in_worker
 
 logger = logging.getLogger("async_session_task")
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from celery import current_app
 
 from . import _config, _watchdog
 from ._crossing import Crossing
@@ -49,6 +48,8 @@ class Hooks:
 
     #: The loop's task factory.
     task_factory: Any = None
+    #: What holds the loop, for the stall watchdog's warning (``_watchdog.Holder``).
+    holder: _watchdog.Holder | None = None
     #: Awaited on the loop, in order, before it stops.
     stopping: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     #: Called when a loop was lost (its thread died): what lived on it is unusable.
@@ -95,7 +96,7 @@ class Runtime:
 
     loop: asyncio.AbstractEventLoop
 
-    def __init__(self) -> None:
+    def __init__(self, stall_threshold: float) -> None:
         self.pid = os.getpid()
         self.closed = False
         self.alive = True
@@ -115,7 +116,7 @@ class Runtime:
             started = LockWaiter()
             original("_thread", "start_new_thread")(self._serve, (started,))
             started.wait()
-        _watchdog.watch(self.loop, _config.stall_threshold(current_app.conf))
+        _watchdog.watch(self.loop, stall_threshold, hooks.holder)
 
     def _serve(self, started: LockWaiter) -> None:
         # Made in its own thread: under gevent the selector belongs to this thread's hub.
@@ -340,16 +341,17 @@ def _usable(runtime: Runtime | None) -> bool:
     )
 
 
-def get_runtime() -> Runtime:
+def get_runtime(app: Any = None) -> Runtime:
     """The runtime of this process, started on first use (after a fork or a lost loop: a
-    new one)."""
+    new one), with the stall threshold of ``app``, the app whose run starts it."""
     global _runtime
     runtime = _runtime
     if not _usable(runtime):
         with _lock:
             runtime = _runtime
             if not _usable(runtime):
-                runtime = _runtime = Runtime()
+                conf = {} if app is None else app.conf
+                runtime = _runtime = Runtime(_config.stall_threshold(conf))
     assert runtime is not None
     return runtime
 

@@ -24,8 +24,8 @@ from ._crossing import await_in_body, in_body
 from ._factory import factories
 from ._lifespan import lifespan_state, lifespans
 from ._on_commit import on_commit
+from ._run import Run, current_run, hands_back, in_worker, runs
 from ._runtime import get_runtime
-from ._session import Run, current_run, hands_back, in_worker, runs
 
 
 class _DeferredRetry(Retry):  # type: ignore[misc]  # celery is untyped
@@ -105,7 +105,8 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         """This run's ``AsyncSession``: the same object for every await of the run.
 
         Raises:
-            RuntimeError: outside a run of this task.
+            RuntimeError: outside a run of this task, or after its body ended (in
+                ``on_success``, ``on_failure``, ``after_return``).
         """
         run = current_run.get()
         if run is None or run.task is not self:
@@ -113,7 +114,8 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         if run is None:
             raise RuntimeError(
                 f"{self.name}.session exists only during a run of the task: inside its "
-                "async def body (and what it awaits), or in before_start/after_return."
+                "async def body (and what it awaits), or in before_start (the session is "
+                "closed by the time on_success, on_failure and after_return run)."
             )
         return run.session
 
@@ -188,7 +190,7 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                     "an AsyncSessionTask body must be 'async def'."
                 )
             execution = lifespans.within(self, body, run.execute(body, self.autocommit))
-            runtime = get_runtime()
+            runtime = get_runtime(self.app)
             if runtime.on_loop() and in_body():
                 # A nested eager call from inside a body (docs/internals.md#nested-eager): the
                 # caller's body awaits this one, and its worker serves both.

@@ -10,8 +10,8 @@ it logs how long the stall lasted. A loop that runs per call (prefork children, 
 idle between calls, not stuck.
 
 The threshold is the ``async_session_stall_threshold`` setting (seconds; ``0`` turns the
-watchdog off). The run that holds the loop is the one whose asyncio task is the loop's
-current task, as the registry of runs knows it.
+watchdog off). What holds the loop is told by a callable handed in with the loop (the
+package's registry of runs, through ``_runtime.hooks``): the loop layer knows no runs.
 """
 
 from __future__ import annotations
@@ -23,16 +23,20 @@ import sys
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from ._session import Run, runs
 from ._waiters import original
 
 logger = logging.getLogger("async_session_task")
 
 #: Innermost frames of the loop thread's stack shown in the warning.
 STACK_LIMIT = 12
+
+#: Given the loop's current asyncio task: a name for the task body holding the loop (None:
+#: none does), and the frame it waits at when the thread's stack does not show it.
+Holder = Callable[["asyncio.Task[Any] | None"], tuple[str | None, FrameType | None]]
 
 _watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Watchdog] = (
     weakref.WeakKeyDictionary()
@@ -43,9 +47,12 @@ class Watchdog:
     """Watches one loop from a real OS thread (not a greenlet: gevent's hub must not be the
     one that notices the stall, and a patched ``time.sleep`` would need a hub of its own)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, threshold: float) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, threshold: float, holder: Holder | None = None
+    ) -> None:
         self.loop = loop
         self.threshold = threshold
+        self._holder = holder
         self.stalls = 0
         self._loop_thread: int | None = None
         self._allocate_lock = original("_thread", "allocate_lock")
@@ -113,8 +120,8 @@ class Watchdog:
         thread = self._loop_thread or getattr(self.loop, "_thread_id", None)
         frame = sys._current_frames().get(thread) if thread is not None else None
         task = asyncio.current_task(self.loop)
-        run = runs.owner_of(task)
-        who = f"task {run!r}" if run is not None else "code outside any task body"
+        name, waits_at = (None, None) if self._holder is None else self._holder(task)
+        who = f"task {name}" if name is not None else "code outside any task body"
         logger.warning(
             "The event loop of process %d has not answered for %.1f s: %s blocks it, so every "
             "other run on this loop waits. Await instead of blocking (asyncio.sleep, an "
@@ -122,19 +129,8 @@ class Watchdog:
             os.getpid(),
             self.threshold,
             who,
-            _format(_where_body_waits(run, task) or frame),
+            _format(waits_at or frame),
         )
-
-
-def _where_body_waits(run: Run | None, task: asyncio.Task[Any] | None) -> FrameType | None:
-    """Where a run's body waits if a blocking call switched its greenlet out while its task
-    held the loop: under gevent a patched ``time.sleep`` switches the loop thread to its hub,
-    so the thread's stack shows only the hub, while the body's greenlet keeps its frame. (A
-    body that awaits gives the loop back: its task is then not the current one.)"""
-    if run is None or run.crossing is None or run.crossing.task is not task:
-        return None
-    frame: FrameType | None = getattr(run.greenlet, "gr_frame", None)
-    return frame
 
 
 def _format(frame: FrameType | None) -> str:
@@ -143,8 +139,11 @@ def _format(frame: FrameType | None) -> str:
     return "".join(traceback.format_stack(frame, limit=STACK_LIMIT))
 
 
-def watch(loop: asyncio.AbstractEventLoop, threshold: float) -> Watchdog | None:
-    """Start watching ``loop`` (once per loop; later calls return the same watchdog).
+def watch(
+    loop: asyncio.AbstractEventLoop, threshold: float, holder: Holder | None = None
+) -> Watchdog | None:
+    """Start watching ``loop`` (once per loop; later calls return the same watchdog);
+    ``holder`` names what holds it in a warning.
 
     Returns None when ``threshold`` is 0 (turned off).
     """
@@ -153,7 +152,7 @@ def watch(loop: asyncio.AbstractEventLoop, threshold: float) -> Watchdog | None:
         return watchdog
     if threshold <= 0:
         return None
-    watchdog = _watchdogs[loop] = Watchdog(loop, threshold).start()
+    watchdog = _watchdogs[loop] = Watchdog(loop, threshold, holder).start()
     return watchdog
 
 

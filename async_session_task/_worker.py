@@ -23,15 +23,17 @@ from . import _config, _factory, _runtime
 from ._factory import factories
 from ._lifespan import lifespans
 from ._on_commit import publish_failures
-from ._session import runs, task_factory
+from ._run import runs, task_factory
 from ._task import AsyncSessionTask, async_session_tasks
 
 logger = logging.getLogger("async_session_task")
 
-# What every loop of this package runs: tasks a run starts belong to it; before it stops,
+# What every loop of this package runs: tasks a run starts belong to it (and the stall
+# watchdog asks the registry which run holds the loop); before it stops,
 # the lifespans are exited (they may still use the engines), then the engines are disposed;
 # a lost loop takes its lifespans and engines with it.
 _runtime.hooks.task_factory = task_factory
+_runtime.hooks.holder = runs.holding
 _runtime.hooks.stopping.append(lifespans.exit)
 _runtime.hooks.stopping.append(factories.dispose)
 _runtime.hooks.lost.append(lifespans.forget)

@@ -53,7 +53,7 @@ def test_the_import_graph_has_no_cycle() -> None:
     order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError
     # Along the imports: settings, session factories, the task class, the worker's signals.
     assert order.index("_config") < order.index("_factory") < order.index("_task")
-    assert order.index("_session") < order.index("_task") < order.index("_worker")
+    assert order.index("_run") < order.index("_task") < order.index("_worker")
 
 
 def test_no_package_import_inside_a_function() -> None:
@@ -64,6 +64,22 @@ def test_no_package_import_inside_a_function() -> None:
         if (imports := _package_imports(tree, top_level=False))
     }
     assert hidden == {}
+
+
+def test_the_loop_layer_knows_no_runs() -> None:
+    """The loop and its watchdog import nothing about runs or sessions, not even through
+    another module: what they need of runs is handed to them (``_runtime.hooks``)."""
+    modules = _modules()
+    about_runs = {"_run", "_factory", "_lifespan", "_on_commit", "_task", "_worker"}
+    for name in ("_runtime", "_watchdog"):
+        seen: set[str] = set()
+        todo = [name]
+        while todo:
+            for imported in _package_imports(modules[todo.pop()], top_level=True) - seen:
+                if imported in modules:
+                    seen.add(imported)
+                    todo.append(imported)
+        assert seen & about_runs == set(), name
 
 
 def test_settings_are_a_leaf() -> None:

@@ -123,7 +123,7 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
             database setting.
         ValueError: a task's ``async_session_maker`` is not bound to one ``AsyncEngine``.
     """
-    runtime = get_runtime()
+    runtime = get_runtime(app)
     chosen = async_session_tasks(app) if tasks is None else list(map(_unproxied, tasks))
     originals: dict[type[Any], async_sessionmaker[Any]] = {}
     for task in chosen:

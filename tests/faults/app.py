@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery
 from sqlalchemy import Integer, String, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from async_session_task import AsyncSessionTask, _watchdog, current_session
-from async_session_task._runtime import get_runtime
+from async_session_task import AsyncSessionTask, current_session
 
 
 class Base(DeclarativeBase):
@@ -43,13 +42,6 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
-
-
-@signals.task_prerun.connect
-def _watch_loop(sender: Any = None, **_: Any) -> None:
-    # Starts the loop-stall watchdog until the runtime starts it itself; once per loop.
-    if isinstance(sender, AsyncSessionTask) and sender.app is app:
-        _watchdog.watch(get_runtime().loop, 1.0)
 
 
 async def count(key: str) -> int:

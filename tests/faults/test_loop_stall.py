@@ -13,6 +13,7 @@ import pytest
 from celery import Celery, group
 
 from async_session_task import AsyncSessionTask
+from async_session_task._run import runs
 from async_session_task._runtime import get_runtime
 from async_session_task._watchdog import Watchdog
 from tests.faults import app
@@ -93,7 +94,7 @@ def test_warning_names_the_task(caplog: pytest.LogCaptureFixture) -> None:
         time.sleep(1.5)  # noqa: ASYNC251  # the mistake under test
         return str(self.request.id)
 
-    watchdog = Watchdog(get_runtime().loop, threshold=0.2).start()
+    watchdog = Watchdog(get_runtime().loop, threshold=0.2, holder=runs.holding).start()
     try:
         with caplog.at_level(logging.INFO, logger="async_session_task"):
             result = stalls.apply()

@@ -21,10 +21,11 @@ import logging
 import os
 from collections.abc import Callable, Coroutine
 from contextvars import Context, ContextVar
-from types import CoroutineType
+from types import CoroutineType, FrameType
 from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.session import _SessionCloseState
 
 from ._crossing import Crossing, drive
 
@@ -130,7 +131,12 @@ class Run:
             await asyncio.wait(list(pending), timeout=CANCEL_GRACE)
         session, self._session = self._session, None
         if session is not None:
-            # Rolls back what was not committed and returns the connection to the pool.
+            # Rolls back what was not committed and returns the connection to the pool; and
+            # closes for good, as with close_resets_only=False: a reference kept past the run
+            # (a call_later callback, a lifespan's consumer) cannot begin a transaction and
+            # hold a connection (docs/internals.md#outliving-tasks). A body's own close()
+            # stays a reset.
+            session.sync_session._close_state = _SessionCloseState.ACTIVE
             await session.close()
 
 
@@ -202,7 +208,10 @@ async def _driven(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class Registry:
-    """The runs in flight in this process, keyed by task id.
+    """The runs in flight in this process, keyed by task id: a run is added in
+    ``before_start`` (or by a direct call), looked up by ``self.session``, forgotten on
+    ``task_postrun``; the worker's stats count it, the stall watchdog asks it who holds the
+    loop.
 
     Two runs may share a task id: ``self.retry()`` publishes the next run before the current
     one has been cleaned up, and a redelivery under ``acks_late`` repeats it
@@ -237,6 +246,20 @@ class Registry:
             if (crossing is not None and crossing.task is task) or task in (run.tasks or ()):
                 return run
         return None
+
+    def holding(self, task: asyncio.Task[Any] | None) -> tuple[str | None, FrameType | None]:
+        """For the stall watchdog, given the loop's current task: the run holding the loop
+        (None: no run), and where its body waits if a blocking call switched its greenlet
+        out while its task held the loop. Under gevent a patched ``time.sleep`` switches
+        the loop thread to its hub, so the thread's stack shows only the hub, while the
+        body's greenlet keeps its frame. (A body that awaits gives the loop back: its task
+        is then not the current one.)"""
+        run = self.owner_of(task)
+        if run is None:
+            return None, None
+        body = run.crossing is not None and run.crossing.task is task
+        frame: FrameType | None = getattr(run.greenlet, "gr_frame", None) if body else None
+        return repr(run), frame
 
     def __len__(self) -> int:
         return len(self._runs)
