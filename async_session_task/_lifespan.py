@@ -34,8 +34,8 @@ logger = logging.getLogger("async_session_task")
 
 #: Seconds a lifespan's exit may take at shutdown before it is cancelled.
 EXIT_GRACE = 5.0
-#: Seconds a cancelled exit may take to finish before it is left behind.
-CANCEL_GRACE = 1.0
+#: Seconds a lifespan whose exit was cancelled may take to finish before it is left behind.
+EXIT_CANCEL_GRACE = 1.0
 
 #: The state of the lifespan of the run executing (set in the run's own context).
 _current_state: ContextVar[Mapping[str, Any] | None] = ContextVar(
@@ -137,7 +137,7 @@ class Lifespan:
                 EXIT_GRACE,
             )
             self._task.cancel()
-            await asyncio.wait({self._task}, timeout=CANCEL_GRACE)
+            await asyncio.wait({self._task}, timeout=EXIT_CANCEL_GRACE)
 
 
 class Lifespans:

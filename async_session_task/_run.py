@@ -32,8 +32,9 @@ from ._crossing import Crossing, drive
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")
 
-#: Seconds a run waits for the asyncio tasks it started to end once cancelled.
-CANCEL_GRACE = 10.0
+#: Seconds a run waits, as it ends, for the asyncio tasks it started and left running to
+#: end once cancelled.
+LEFT_TASKS_GRACE = 10.0
 
 
 class Run:
@@ -128,13 +129,13 @@ class Run:
             )
             for task in pending:
                 task.cancel()
-            await asyncio.wait(list(pending), timeout=CANCEL_GRACE)
+            await asyncio.wait(list(pending), timeout=LEFT_TASKS_GRACE)
         session, self._session = self._session, None
         if session is not None:
             # Rolls back what was not committed and returns the connection to the pool; and
             # closes for good, as with close_resets_only=False: a reference kept past the run
             # (a call_later callback, a lifespan's consumer) cannot begin a transaction and
-            # hold a connection (docs/internals.md#outliving-tasks). A body's own close()
+            # hold a connection (docs/internals.md#close-resets-only). A body's own close()
             # stays a reset.
             session.sync_session._close_state = _SessionCloseState.ACTIVE
             await session.close()

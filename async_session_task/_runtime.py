@@ -35,8 +35,9 @@ from ._waiters import LockWaiter, hold_hub, original, waiter_class
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")
 
-#: Seconds a cancelled run may take to finish its cleanup before it is reported.
-CANCEL_GRACE = 10.0
+#: Seconds a run cancelled by a time limit or an interruption may take to finish its
+#: cleanup before it is reported as still running.
+CANCELLED_RUN_GRACE = 10.0
 #: Seconds :func:`shutdown` waits for the stop hooks and for the loop thread.
 SHUTDOWN_GRACE = 10.0
 
@@ -173,7 +174,7 @@ class Runtime:
         ``soft`` and ``hard`` are the run's time limits in seconds, applied here unless the
         pool enforces them (a prefork child). A run past its limit, or whose wait is
         interrupted (prefork's soft limit, ``gevent.Timeout``, a killed greenlet), is
-        cancelled at its current await and given :data:`CANCEL_GRACE` seconds to clean up
+        cancelled at its current await and given :data:`CANCELLED_RUN_GRACE` seconds to clean up
         (docs/internals.md#soft-limit-prefork, docs/internals.md#cancel-then-wait); then
         ``SoftTimeLimitExceeded``/``TimeLimitExceeded``, or the interruption, is raised.
         """
@@ -213,7 +214,7 @@ class Runtime:
 
     def _cancel(self, crossing: Crossing, reason: BaseException, name: str) -> None:
         self.loop.call_soon_threadsafe(crossing.cancel, reason)
-        if not crossing.wait(CANCEL_GRACE):
+        if not crossing.wait(CANCELLED_RUN_GRACE):
             _still_running(name)
 
     def _run_inline(
@@ -234,7 +235,7 @@ class Runtime:
         except BaseException as exc:  # interrupted from outside the body
             if not crossing.done:
                 crossing.cancel(exc)
-                timers.append(self.loop.call_later(CANCEL_GRACE, self.loop.stop))
+                timers.append(self.loop.call_later(CANCELLED_RUN_GRACE, self.loop.stop))
                 self.loop.run_forever()
                 if not crossing.done:
                     _still_running(name)
@@ -250,7 +251,7 @@ class Runtime:
         crossing = self._current
         if crossing is not None and not crossing.done:
             crossing.cancel(TimeLimitExceeded(hard))
-            timers.append(self.loop.call_later(CANCEL_GRACE, self.loop.stop))
+            timers.append(self.loop.call_later(CANCELLED_RUN_GRACE, self.loop.stop))
 
     def _catch_soft_limit(self) -> None:
         """Prefork child: turn the soft time limit into a cancellation of the running body.
@@ -326,7 +327,7 @@ def _still_running(name: str) -> None:
         "%s: its cancelled body is still running %.0f s later (it ignores "
         "asyncio.CancelledError); its session stays open until it ends.",
         name,
-        CANCEL_GRACE,
+        CANCELLED_RUN_GRACE,
     )
 
 
