@@ -134,10 +134,22 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         super().on_bound(app)
         _forward_to_worker(app)
 
+    # One run's lifecycle in the registry: added here, forgotten on task_postrun.
+
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Register this run; its session is made on first use."""
         # The factory is resolved now, so a misconfigured task still fails every run.
         runs.add(Run(self, self.request, factories.maker_for(self)))
+
+    @staticmethod
+    def _forget_run(sender: Any = None, **_: Any) -> None:
+        """``task_postrun`` (``_worker`` connects it): the run is forgotten here only, once,
+        while the tracer still has its request on the stack. Celery sends it on every
+        outcome but a killed process (docs/internals.md#task-postrun); ``after_return`` is
+        skipped for RETRY, IGNORED and REJECTED (docs/internals.md#after-return-skipped),
+        and for a propagated eager failure (docs/internals.md#eager-propagates)."""
+        if isinstance(sender, AsyncSessionTask):
+            runs.discard(sender.request)
 
     def retry(self, *args: Any, **kwargs: Any) -> Retry:
         """Celery's ``Task.retry``. Inside the body, the retry is published by the worker
@@ -220,13 +232,27 @@ def _sync_run(function: Callable[..., Any], *, bound: bool) -> Callable[..., Any
     return run
 
 
+#: Set on an app whose calls are forwarded (``on_bound`` runs for every task class).
+_FORWARDED = "_async_session_task_forwarded"
+
+
 def _forward_to_worker(app: Any) -> None:
-    """Have the app's blocking broker and result calls made from a body run by the worker's
-    thread or greenlet, which owns their connections and may block: ``app.send_task`` (every
-    ``delay``, ``apply_async`` and canvas) and ``AsyncResult.get`` (joining a subtask leaves
-    the loop free, docs/internals.md#join-subtask). Idempotent."""
-    if "send_task" in vars(app):
+    """Patch the user's app, once, so that its blocking broker and result calls made from a
+    body are run by the worker's thread or greenlet, which owns their connections and may
+    block (docs/internals.md#app-patch). Three attributes of ``app`` are replaced:
+
+    * ``app.send_task``: every ``delay``, ``apply_async`` and canvas, handed to the worker
+      with the running task as the parent;
+    * ``app.producer_or_acquire``: a group takes no producer on the loop's thread, each
+      message takes its own in the worker;
+    * ``app.AsyncResult``: a subclass whose ``get()`` is handed to the worker (joining a
+      subtask leaves the loop free, docs/internals.md#join-subtask).
+
+    Each wraps what the app had, also if instrumentation replaced it first. Idempotent: a
+    private marker on the app, not the attributes themselves, says it was done."""
+    if vars(app).get(_FORWARDED):
         return
+    setattr(app, _FORWARDED, True)
     send_task = app.send_task
 
     @functools.wraps(send_task)

@@ -101,16 +101,6 @@ def check_pool_capacity(app: Any, concurrency: int | None) -> None:
         )
 
 
-def forget_run(sender: Any = None, **_: Any) -> None:
-    """``task_postrun``: the run is forgotten here only, once, while the tracer still has its
-    request on the stack. Celery sends it on every outcome but a killed process
-    (docs/internals.md#task-postrun); ``after_return`` is skipped for RETRY, IGNORED and
-    REJECTED (docs/internals.md#after-return-skipped), and for a propagated eager failure
-    (docs/internals.md#eager-propagates)."""
-    if isinstance(sender, AsyncSessionTask):
-        runs.discard(sender.request)
-
-
 def shutdown(**_: Any) -> None:
     """Close this process's loop, if it started one (its engines are disposed on it)."""
     if _runtime.current() is not None and len(runs):
@@ -136,7 +126,7 @@ def async_session_stats(state: Any, **_: Any) -> dict[str, Any]:
 
 
 signals.worker_init.connect(on_worker_init, weak=False)
-signals.task_postrun.connect(forget_run, weak=False)
+signals.task_postrun.connect(AsyncSessionTask._forget_run, weak=False)
 signals.worker_process_shutdown.connect(shutdown, weak=False)
 signals.worker_shutdown.connect(shutdown, weak=False)
 atexit.register(shutdown)

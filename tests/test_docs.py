@@ -307,6 +307,9 @@ INTERNALS_ANCHORS = (
     "publish-from-spawned-task",
     "outliving-tasks",
     "join-subtask",
+    "publish-from-run-sync",
+    "close-resets-only",
+    "app-patch",
     "dead-pooled-connections",
     "pgbouncer-prepared-statements",
 )
