@@ -19,25 +19,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import Context, copy_context
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from billiard.exceptions import TimeLimitExceeded
 
-from . import _config, _watchdog
+from . import _config, _limits, _watchdog
 from ._crossing import Crossing
+from ._limits import CANCELLED_RUN_GRACE
 from ._waiters import LockWaiter, hold_hub, original, waiter_class
 
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")
 
-#: Seconds a run cancelled by a time limit or an interruption may take to finish its
-#: cleanup before it is reported as still running.
-CANCELLED_RUN_GRACE = 10.0
 #: Seconds :func:`shutdown` waits for the stop hooks and for the loop thread.
 SHUTDOWN_GRACE = 10.0
 
@@ -112,7 +109,7 @@ class Runtime:
             self.loop = asyncio.new_event_loop()
             self.loop.set_task_factory(hooks.task_factory)
             if self.pool_enforces_limits:
-                self._catch_soft_limit()
+                _limits.catch_soft_limit(lambda: self._current)
         else:
             started = LockWaiter()
             original("_thread", "start_new_thread")(self._serve, (started,))
@@ -151,32 +148,22 @@ class Runtime:
         """True in the loop's own thread, where blocking on the loop would deadlock."""
         return asyncio._get_running_loop() is self.loop
 
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and block for its result, with no time limit."""
-        return self.run(self.crossing(), coro)
-
-    def crossing(self) -> Crossing:
-        """A crossing for one run, to hand to :meth:`run`."""
-        return Crossing(self.loop, None if self.inline else self._new_waiter())
-
     def run(
         self,
-        crossing: Crossing,
         coro: Coroutine[Any, Any, T],
         *,
+        holder: Any = None,
         soft: float | None = None,
         hard: float | None = None,
         name: str = "task",
     ) -> T:
         """Run ``coro`` on the loop in a copy of the caller's context; block (cooperatively)
-        for its result.
+        for its result. The one way in: inline, or handed to the loop thread.
 
-        ``soft`` and ``hard`` are the run's time limits in seconds, applied here unless the
-        pool enforces them (a prefork child). A run past its limit, or whose wait is
-        interrupted (prefork's soft limit, ``gevent.Timeout``, a killed greenlet), is
-        cancelled at its current await and given :data:`CANCELLED_RUN_GRACE` seconds to clean up
-        (docs/internals.md#soft-limit-prefork, docs/internals.md#cancel-then-wait); then
-        ``SoftTimeLimitExceeded``/``TimeLimitExceeded``, or the interruption, is raised.
+        ``holder.crossing`` (if a holder is given) is set to the run's :class:`Crossing`
+        before ``coro`` starts, for the functions it hands back to the caller. ``soft`` and
+        ``hard`` are the run's time limits in seconds, applied here unless the pool enforces
+        them (a prefork child), as ``_limits`` describes.
         """
         if self.on_loop():
             coro.close()
@@ -191,13 +178,54 @@ class Runtime:
                 "loop in a worker process that runs its loop inline; await it from that "
                 "loop's code instead."
             )
+        crossing = Crossing(self.loop, None if self.inline else self._new_waiter())
+        if holder is not None:
+            holder.crossing = crossing
         if self.pool_enforces_limits:
             soft = hard = None
         if soft is not None:
-            coro = _within_soft_limit(coro, soft)
+            coro = _limits.within_soft_limit(coro, soft)
         context = copy_context()
         if self.inline:
             return self._run_inline(crossing, coro, context, hard, name)
+        return self._run_in_loop_thread(crossing, coro, context, hard, name)
+
+    def _run_inline(
+        self, crossing: Crossing, coro: Coroutine[Any, Any, T], context: Context,
+        hard: float | None, name: str,
+    ) -> T:  # fmt: skip
+        """The caller's thread runs the loop until the run ends."""
+        self._current = crossing
+        crossing.start(coro, context)
+        timers: list[asyncio.TimerHandle] = []
+        if hard is not None:
+            timers.append(self.loop.call_later(hard, self._expire, hard, timers))
+        try:
+            self.loop.run_forever()  # until the crossing stops it, as its coroutine ends
+            if not crossing.done:
+                if crossing.cancelled is None:
+                    raise RuntimeError("Event loop stopped before the task body completed.")
+                _limits.still_running(name)
+        except BaseException as exc:  # interrupted from outside the body
+            if not crossing.done:
+                crossing.cancel(exc)
+                timers.append(self.loop.call_later(CANCELLED_RUN_GRACE, self.loop.stop))
+                self.loop.run_forever()
+                if not crossing.done:
+                    _limits.still_running(name)
+            raise
+        finally:
+            self._current = None
+            for timer in timers:
+                timer.cancel()
+        result: T = _limits.outcome(crossing)
+        return result
+
+    def _run_in_loop_thread(
+        self, crossing: Crossing, coro: Coroutine[Any, Any, T], context: Context,
+        hard: float | None, name: str,
+    ) -> T:  # fmt: skip
+        """The caller waits (cooperatively) while the loop thread runs it."""
         self._waiting.add(crossing)
         self.loop.call_soon_threadsafe(crossing.start, coro, context)
         try:
@@ -209,72 +237,19 @@ class Runtime:
         finally:
             self._waiting.discard(crossing)
             crossing.close()
-        result: T = _outcome(crossing)
+        result: T = _limits.outcome(crossing)
         return result
 
     def _cancel(self, crossing: Crossing, reason: BaseException, name: str) -> None:
         self.loop.call_soon_threadsafe(crossing.cancel, reason)
         if not crossing.wait(CANCELLED_RUN_GRACE):
-            _still_running(name)
-
-    def _run_inline(
-        self, crossing: Crossing, coro: Coroutine[Any, Any, T], context: Context,
-        hard: float | None, name: str,
-    ) -> T:  # fmt: skip
-        self._current = crossing
-        crossing.start(coro, context)
-        timers: list[asyncio.TimerHandle] = []
-        if hard is not None:
-            timers.append(self.loop.call_later(hard, self._expire, hard, timers))
-        try:
-            self.loop.run_forever()  # until the crossing stops it, as its coroutine ends
-            if not crossing.done:
-                if crossing.cancelled is None:
-                    raise RuntimeError("Event loop stopped before the task body completed.")
-                _still_running(name)
-        except BaseException as exc:  # interrupted from outside the body
-            if not crossing.done:
-                crossing.cancel(exc)
-                timers.append(self.loop.call_later(CANCELLED_RUN_GRACE, self.loop.stop))
-                self.loop.run_forever()
-                if not crossing.done:
-                    _still_running(name)
-            raise
-        finally:
-            self._current = None
-            for timer in timers:
-                timer.cancel()
-        result: T = _outcome(crossing)
-        return result
+            _limits.still_running(name)
 
     def _expire(self, hard: float, timers: list[asyncio.TimerHandle]) -> None:
         crossing = self._current
         if crossing is not None and not crossing.done:
             crossing.cancel(TimeLimitExceeded(hard))
             timers.append(self.loop.call_later(CANCELLED_RUN_GRACE, self.loop.stop))
-
-    def _catch_soft_limit(self) -> None:
-        """Prefork child: turn the soft time limit into a cancellation of the running body.
-
-        billiard's SIGUSR1 handler raises ``SoftTimeLimitExceeded`` wherever the main thread
-        is; with the loop running there, that may be inside one of asyncio's callbacks, which
-        logs and swallows it, or inside the selector, leaving the body pending
-        (docs/internals.md#soft-limit-prefork). The body sees ``CancelledError`` at its
-        current await instead, its cleanup runs, then Celery gets ``SoftTimeLimitExceeded``.
-        Sync tasks of the same worker keep billiard's handler.
-        """
-        previous = signal.getsignal(signal.SIGUSR1)
-        if not callable(previous):
-            return
-
-        def on_soft_limit(signum: int, frame: Any) -> None:
-            crossing = self._current
-            if crossing is None or crossing.done:
-                previous(signum, frame)
-            else:
-                crossing.cancel(SoftTimeLimitExceeded())
-
-        signal.signal(signal.SIGUSR1, on_soft_limit)
 
     def close(self) -> None:
         """Run the stop hooks on the loop, stop it, close it. Idempotent."""
@@ -297,38 +272,6 @@ class Runtime:
         self.loop.call_soon_threadsafe(self.loop.stop)
         if self._stopped.wait(SHUTDOWN_GRACE):
             self.loop.close()
-
-
-async def _within_soft_limit(coro: Coroutine[Any, Any, T], seconds: float) -> T:
-    limit = asyncio.timeout(seconds)
-    try:
-        async with limit:
-            return await coro
-    except TimeoutError:
-        if not limit.expired():
-            raise  # the body's own TimeoutError
-        raise SoftTimeLimitExceeded(seconds) from None
-
-
-def _outcome(crossing: Crossing) -> Any:
-    reason = crossing.cancelled
-    if isinstance(reason, TimeLimitExceeded):
-        raise reason  # whatever the body did with its cancellation
-    try:
-        return crossing.result()
-    except asyncio.CancelledError:
-        if reason is not None:
-            raise reason from None
-        raise
-
-
-def _still_running(name: str) -> None:
-    logger.warning(
-        "%s: its cancelled body is still running %.0f s later (it ignores "
-        "asyncio.CancelledError); its session stays open until it ends.",
-        name,
-        CANCELLED_RUN_GRACE,
-    )
 
 
 _runtime: Runtime | None = None

@@ -272,9 +272,9 @@ def test_loop_thread_refuses_blocking_calls() -> None:
     async def on_loop() -> None:
         coro = inner()
         with pytest.raises(RuntimeError, match="on the event loop thread"):
-            get_runtime().call(coro)
+            get_runtime().run(coro)
 
-    get_runtime().call(on_loop())
+    get_runtime().run(on_loop())
 
 
 def test_interrupted_wait_cancels_the_body_and_waits_for_its_cleanup() -> None:
@@ -303,7 +303,7 @@ def test_interrupted_wait_cancels_the_body_and_waits_for_its_cleanup() -> None:
     signal.setitimer(signal.ITIMER_REAL, 0.3)
     try:
         with pytest.raises(Interrupt):
-            get_runtime().call(body())
+            get_runtime().run(body())
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

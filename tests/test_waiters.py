@@ -28,7 +28,7 @@ GEVENT_CALLS = textwrap.dedent(
     runtime, loop = get_runtime(), gevent.get_hub().loop
     before = loop.activecnt
     for _ in range(50):
-        runtime.call(body())
+        runtime.run(body())
     print(json.dumps({"before": before, "after": loop.activecnt}))
     """
 )

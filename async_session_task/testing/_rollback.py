@@ -98,7 +98,7 @@ class RollbackSessions:
             async with maker() as session:
                 return await function(session)
 
-        return get_runtime().call(call())
+        return get_runtime().run(call())
 
 
 @contextlib.contextmanager
@@ -140,7 +140,7 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
         for cls, maker in originals.items():
             engine = _engine_of(maker, cls)
             if engine not in transactions:
-                transactions[engine] = runtime.call(_begin(engine))
+                transactions[engine] = runtime.run(_begin(engine))
                 scope.connections[engine] = transactions[engine].connection
             options = {**maker.kw, "bind": scope.connections[engine]}
             # Their commits only release savepoints: what they queue is held, not published.
@@ -153,7 +153,7 @@ def rollback_sessions(app: Any, tasks: Iterable[Any] | None = None) -> Iterator[
             yield scope
     finally:
         for transaction in transactions.values():
-            runtime.call(transaction.end())
+            runtime.run(transaction.end())
 
 
 def _unproxied(task: Any) -> Any:
