@@ -23,7 +23,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Coroutine, Iterator, Mapping
-from contextvars import Context, ContextVar
+from contextvars import Context
 from typing import Any, TypeVar
 
 from . import _config
@@ -37,11 +37,6 @@ EXIT_GRACE = 5.0
 #: Seconds a lifespan whose exit was cancelled may take to finish before it is left behind.
 EXIT_CANCEL_GRACE = 1.0
 
-#: The state of the lifespan of the run executing (set in the run's own context).
-_current_state: ContextVar[Mapping[str, Any] | None] = ContextVar(
-    "async_session_task.lifespan_state", default=None
-)
-
 
 def lifespan_state() -> Mapping[str, Any]:
     """Return the mapping the ``async_session_lifespan`` yielded in this process (empty if it
@@ -53,10 +48,9 @@ def lifespan_state() -> Mapping[str, Any]:
         RuntimeError: outside the ``async def`` body of an ``AsyncSessionTask``, or the
             task has no ``async_session_lifespan``.
     """
-    state = _current_state.get()
-    if state is not None:
-        return state
     run = current_run.get()
+    if run is not None and run.lifespan_state is not None:
+        return run.lifespan_state
     if run is None:
         raise RuntimeError(
             "lifespan_state() was called outside a task run: the lifespan's state is "
@@ -160,34 +154,16 @@ class Lifespans:
             self._factories[cls] = _config.lifespan_of(task)
         return self._factories[cls]
 
-    def within(
-        self, task: Any, body: Coroutine[Any, Any, Any], execution: Coroutine[Any, Any, T]
-    ) -> Coroutine[Any, Any, T]:
-        """``execution`` (the run of ``body``), after ``task``'s lifespan was entered, with
-        its state as :func:`lifespan_state`; ``execution`` itself where there is none."""
-        try:
-            if self._substitute is None and self.factory_of(task) is None:
-                return execution
-        except BaseException:
-            body.close()
-            execution.close()
-            raise
-        return self._within(task, body, execution)
+    def entering(self, task: Any) -> Coroutine[Any, Any, Mapping[str, Any]] | None:
+        """What enters ``task``'s lifespan on the loop (:meth:`enter`), for the run to await
+        first; None where there is none, so a run without one pays nothing.
 
-    async def _within(
-        self, task: Any, body: Coroutine[Any, Any, Any], execution: Coroutine[Any, Any, T]
-    ) -> T:
-        try:
-            state = await self.enter(task)
-        except BaseException:
-            body.close()  # never started: no "was never awaited" warning on top
-            execution.close()
-            raise
-        token = _current_state.set(state)
-        try:
-            return await execution
-        finally:
-            _current_state.reset(token)  # a nested eager call shares its caller's context
+        Raises:
+            celery.exceptions.ImproperlyConfigured: the setting does not resolve.
+        """
+        if self._substitute is None and self.factory_of(task) is None:
+            return None
+        return self.enter(task)
 
     async def enter(self, task: Any) -> Mapping[str, Any]:
         """On the loop: enter ``task``'s lifespan if this process has not yet; its state."""

@@ -19,7 +19,7 @@ import asyncio
 import inspect
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import Context, ContextVar
 from types import CoroutineType, FrameType
 from typing import Any, TypeVar
@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.session import _SessionCloseState
 
-from ._crossing import Crossing, drive
+from ._crossing import Crossing
+from ._drive import drive
 
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")
@@ -45,7 +46,10 @@ class Run:
     for closing it (an ``AsyncSession`` costs more to close than to make, even unused).
     """
 
-    __slots__ = ("_maker", "_session", "crossing", "ended", "greenlet", "request", "task", "tasks")
+    __slots__ = (
+        "_maker", "_session", "crossing", "ended", "greenlet", "lifespan_state", "request",
+        "task", "tasks",
+    )  # fmt: skip
 
     def __init__(
         self, task: Any, request: Any, maker: Callable[[], AsyncSession] | None = None
@@ -61,6 +65,8 @@ class Run:
         #: The asyncio tasks the run's coroutines started, with their coroutine's name
         #: (None until the first: most runs start none).
         self.tasks: dict[asyncio.Task[Any], str] | None = None
+        #: What the task's lifespan yielded (None: the task has none), as ``lifespan_state()``.
+        self.lifespan_state: Mapping[str, Any] | None = None
         self.ended = False
 
     def __repr__(self) -> str:
@@ -90,8 +96,21 @@ class Run:
         """The session if it was made already, without making one."""
         return self._session
 
-    async def execute(self, body: Coroutine[Any, Any, Any], autocommit: bool) -> Any:
-        """Await ``body`` as this run, then end the run (whatever the outcome)."""
+    async def execute(
+        self,
+        body: Coroutine[Any, Any, Any],
+        autocommit: bool,
+        lifespan: Awaitable[Mapping[str, Any]] | None = None,
+    ) -> Any:
+        """The run on the loop, top to bottom: enter the task's ``lifespan`` (if it has one;
+        its state is then :attr:`lifespan_state`), await ``body`` as this run, commit if
+        ``autocommit``, then end the run, whatever the outcome."""
+        if lifespan is not None:
+            try:
+                self.lifespan_state = await lifespan
+            except BaseException:
+                body.close()  # never started: no "was never awaited" warning on top
+                raise
         token = current_run.set(self)
         try:
             result = await drive(body, self)

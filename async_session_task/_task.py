@@ -20,7 +20,7 @@ from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import _config
-from ._crossing import await_in_body, in_body
+from ._drive import await_in_body, in_body
 from ._factory import factories
 from ._lifespan import lifespan_state, lifespans
 from ._on_commit import on_commit
@@ -201,7 +201,12 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                     f"{self.name}: the body returned {type(body).__name__}, not a coroutine; "
                     "an AsyncSessionTask body must be 'async def'."
                 )
-            execution = lifespans.within(self, body, run.execute(body, self.autocommit))
+            try:
+                lifespan = lifespans.entering(self)
+            except BaseException:
+                body.close()
+                raise
+            execution = run.execute(body, self.autocommit, lifespan)
             runtime = get_runtime(self.app)
             if runtime.on_loop() and in_body():
                 # A nested eager call from inside a body (docs/internals.md#nested-eager): the
@@ -210,8 +215,7 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
                 run.crossing = None if outer is None else outer.crossing
                 return await_in_body(execution)
             soft, hard = _config.time_limits(self, request)
-            run.crossing = runtime.crossing()
-            return runtime.run(run.crossing, execution, soft=soft, hard=hard, name=self.name)
+            return runtime.run(execution, holder=run, soft=soft, hard=hard, name=self.name)
         except _DeferredRetry as deferred:
             raise super().retry(*deferred.retry_args, **deferred.retry_kwargs) from None
         finally:

@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 
-from async_session_task import _crossing
+from async_session_task import _drive
 
 
 class Payload:
@@ -30,7 +30,7 @@ def test_an_idle_body_greenlet_keeps_no_outcome_alive(fails: bool) -> None:
 
     async def main() -> None:
         with contextlib.suppress(ValueError):
-            await _crossing.drive(body())
+            await _drive.drive(body())
 
     asyncio.run(main())
     gc.collect()
