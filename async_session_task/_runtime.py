@@ -1,17 +1,16 @@
-"""The event loop of a worker process: where it runs, how a run is handed to it, its limits.
+"""The event loop of a worker process: where it runs, and how a run is handed to it.
 
 A process that runs one task at a time in its main thread (a prefork child, a solo worker)
 runs the loop right there, for the length of each run; any other process runs it in a real
 OS thread of its own, which the pool's threads or greenlets hand their runs to
-(docs/internals.md#monkey-patched-threads). :meth:`Runtime.run` is the one call that runs a
-coroutine and enforces both time limits where Celery does not.
+(docs/internals.md#monkey-patched-threads). :meth:`Runtime.run` is the one way in, with
+those two strategies side by side; ``_limits`` holds the time limits it applies.
 
-Lifecycle: :func:`get_runtime` starts the loop lazily, at the first run in a process (so a
-prefork parent never starts one), and keys it by ``os.getpid()``: a forked child sees its
-parent's loop object claim to be running, but the thread behind it does not exist there
-(docs/internals.md#fork). A loop thread that dies is replaced, never handed a run.
-:func:`shutdown` runs the stop hooks on the loop (engines are disposed there), then stops
-and closes it; it is idempotent.
+:func:`get_runtime` starts the loop lazily, at the first run in a process (a prefork parent
+never starts one), keyed by ``os.getpid()``: a forked child sees its parent's loop object
+claim to be running, without the thread behind it (docs/internals.md#fork). A loop thread
+that dies is replaced. :func:`shutdown` runs the stop hooks on the loop (engines are
+disposed there), then stops and closes it; it is idempotent.
 """
 
 from __future__ import annotations
@@ -149,14 +148,9 @@ class Runtime:
         return asyncio._get_running_loop() is self.loop
 
     def run(
-        self,
-        coro: Coroutine[Any, Any, T],
-        *,
-        holder: Any = None,
-        soft: float | None = None,
-        hard: float | None = None,
-        name: str = "task",
-    ) -> T:
+        self, coro: Coroutine[Any, Any, T], *, holder: Any = None, soft: float | None = None,
+        hard: float | None = None, name: str = "task",
+    ) -> T:  # fmt: skip
         """Run ``coro`` on the loop in a copy of the caller's context; block (cooperatively)
         for its result. The one way in: inline, or handed to the loop thread.
 
