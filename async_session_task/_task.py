@@ -143,11 +143,9 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
 
     @staticmethod
     def _forget_run(sender: Any = None, **_: Any) -> None:
-        """``task_postrun`` (``_worker`` connects it): the run is forgotten here only, once,
-        while the tracer still has its request on the stack. Celery sends it on every
-        outcome but a killed process (docs/internals.md#task-postrun); ``after_return`` is
-        skipped for RETRY, IGNORED and REJECTED (docs/internals.md#after-return-skipped),
-        and for a propagated eager failure (docs/internals.md#eager-propagates)."""
+        """``task_postrun`` (``_worker`` connects it), sent on every outcome but a killed
+        process (docs/internals.md#task-postrun), where ``after_return`` is not
+        (docs/internals.md#after-return-skipped, docs/internals.md#eager-propagates)."""
         if isinstance(sender, AsyncSessionTask):
             runs.discard(sender.request)
 
@@ -252,8 +250,8 @@ def _forward_to_worker(app: Any) -> None:
     * ``app.AsyncResult``: a subclass whose ``get()`` is handed to the worker (joining a
       subtask leaves the loop free, docs/internals.md#join-subtask).
 
-    Each wraps what the app had, also if instrumentation replaced it first. Idempotent: a
-    private marker on the app, not the attributes themselves, says it was done."""
+    Each wraps what the app had (instrumentation may have replaced it first). Idempotent:
+    a private marker on the app says it was done."""
     if vars(app).get(_FORWARDED):
         return
     setattr(app, _FORWARDED, True)
