@@ -40,8 +40,8 @@ SHUTDOWN_GRACE = 10.0
 
 @dataclass
 class Hooks:
-    """What the package runs on every loop it starts, set once at import by the task class
-    (the loop itself knows nothing of sessions)."""
+    """What the package runs on every loop it starts, set once at import by ``_worker``:
+    the loop layer knows nothing of runs or sessions."""
 
     #: The loop's task factory.
     task_factory: Any = None
