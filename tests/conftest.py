@@ -2,100 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlparse
+from collections.abc import Iterator
 
-import celery.result
 import psycopg
 import pytest
-from celery import Celery
 from sqlalchemy import create_engine
 
-from async_session_task.testing import WorkerProcess, worker_process
-from tests.apps import models, pg_app
-
-REQUIRE_SERVICES = os.environ.get("ASYNC_SESSION_TASK_REQUIRE_SERVICES") == "1"
-
-if celery.VERSION < (5, 6):
-    # Celery 5.5's Redis result consumer unsubscribes from AsyncResult.__del__; a result
-    # collected during a pubsub call re-enters redis-py and hangs this test process (5.6
-    # defers the unsubscribe). Results here are few and short-lived: keep them subscribed.
-    celery.result.AsyncResult.__del__ = lambda self: None
-PG_ADMIN = "host=127.0.0.1 port=5432 user=root dbname=postgres"
-SERVICES = {"PostgreSQL": ("127.0.0.1", 5432), "Redis": ("127.0.0.1", 6379)}
-
-
-BROKERS = {
-    "redis": "redis://127.0.0.1:6379/0",
-    "amqp": "amqp://guest:guest@127.0.0.1:5672//",
-}
-SERVICES_OPTIONAL = {"RabbitMQ": ("127.0.0.1", 5672)}
-
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_python(
-    *args: str, env: dict[str, str], timeout: float = 110
-) -> subprocess.CompletedProcess[str]:
-    """``python *args`` in the repository's root, as a user's process; never raises on its
-    exit code (the caller asserts on it, with the output)."""
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def unavailable(reason: str | None, kind: str = "service test") -> None:
-    """Skip with ``reason`` (or, when services are required, fail) if there is one."""
-    if reason:
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{reason}, and ASYNC_SESSION_TASK_REQUIRE_SERVICES=1")
-        pytest.skip(f"{reason} ({kind})")
-
-
-def require(name: str, address: tuple[str, int]) -> None:
-    """Skip (or, when services are required, fail) unless ``name`` answers at ``address``."""
-    if not _reachable(address):
-        unavailable(f"{name} not reachable on {address[0]}:{address[1]}")
-
-
-@functools.cache
-def client_app(broker_url: str) -> Celery:
-    """An app that sends tasks (by name) and pings workers through ``broker_url``."""
-    return Celery("client", broker=broker_url, backend=BROKERS["redis"], set_as_current=False)
-
-
-def _reachable(address: tuple[str, int]) -> bool:
-    try:
-        with socket.create_connection(address, timeout=1):
-            return True
-    except OSError:
-        return False
+from tests.apps import models
+from tests.helpers import (
+    PG_ADMIN,
+    SERVICES,
+    HTTPServer,
+    StartWorker,
+    reachable,
+    service_worker,
+    unavailable,
+)
 
 
 @pytest.fixture(scope="session")
 def services() -> None:
     """Skip (or, with ASYNC_SESSION_TASK_REQUIRE_SERVICES=1, fail) without PostgreSQL/Redis."""
-    missing = [name for name, address in SERVICES.items() if not _reachable(address)]
+    missing = [name for name, address in SERVICES.items() if not reachable(address)]
     if missing:
         unavailable(f"{' and '.join(missing)} not reachable on 127.0.0.1")
 
@@ -116,154 +47,10 @@ def database_url(services: None) -> Iterator[str]:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def pg_query(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    dsn = database_url.replace("postgresql+asyncpg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
-def connections_of(database_url: str, application_name: str) -> list[str]:
-    """States of the connections a worker holds (``application_name`` tags them)."""
-    rows = pg_query(
-        database_url,
-        "select coalesce(state, '') from pg_stat_activity where application_name = %s",
-        application_name,
-    )
-    return [row[0] for row in rows]
-
-
-class ServiceWorker:
-    """A real worker on Redis and PostgreSQL, its connections tagged with ``application_name``."""
-
-    def __init__(self, worker: WorkerProcess, application_name: str, database_url: str) -> None:
-        self.worker = worker
-        self.application_name = application_name
-        self.database_url = database_url
-
-    @property
-    def queue(self) -> str:
-        return self.worker.queue
-
-    def send(self, task: Any, *args: Any, **options: Any) -> Any:
-        return self.worker.send(task, *args, **options)
-
-    def connections(self) -> list[str]:
-        """States of this worker's PostgreSQL connections."""
-        return connections_of(self.database_url, self.application_name)
-
-    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = 60) -> None:
-        """Until ``condition()`` holds; pinging the worker between checks is the pause, and it
-        proves the worker still answers."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}; worker log:\n{self.worker.log[-4000:]}")
-            self.worker.ping(timeout=0.1)
-
-    def wait_for_log(self, text: str) -> str:
-        """The worker's log, once it holds ``text``."""
-        self.wait_for(lambda: text in self.worker.log, f"{text!r} never logged")
-        return self.worker.log
-
-
-def wait_for_state(result: Any, state: str, timeout: float = 60) -> None:
-    """Wait (on the result backend) until the task reports ``state``."""
-    deadline = time.monotonic() + timeout
-    while result.state != state:
-        assert not result.ready(), f"{result.state}: {result.result!r}"
-        assert time.monotonic() < deadline, f"never reached {state}"
-        time.sleep(0.02)
-
-
-StartWorker = Callable[..., contextlib.AbstractContextManager[ServiceWorker]]
-
-
-@contextlib.contextmanager
-def service_worker(
-    database_url: str,
-    pool: str = "prefork",
-    concurrency: int = 2,
-    engine_options: dict[str, Any] | None = None,
-    module: str = "tests.apps.pg_app",
-    app: Any = None,
-    env: dict[str, str] | None = None,
-    args: tuple[str, ...] = (),
-    broker: str = "redis",
-) -> Iterator[ServiceWorker]:
-    """A real worker on ``broker`` and the PostgreSQL database ``database_url``."""
-    if broker != "redis":
-        require("RabbitMQ", SERVICES_OPTIONAL["RabbitMQ"])
-        app = client_app(BROKERS[broker])
-    name = uuid.uuid4().hex[:12]
-    application_name = f"ast-{name}"
-    options = {
-        "connect_args": {"server_settings": {"application_name": application_name}},
-        **(engine_options or {}),
-    }
-    worker_env = {
-        "AST_BROKER_URL": BROKERS[broker],
-        "AST_DATABASE_URL": database_url,
-        "AST_ENGINE_OPTIONS": json.dumps(options),
-        **(env or {}),
-    }
-    with worker_process(
-        app or pg_app.app,
-        module,
-        pool=pool,
-        concurrency=concurrency,
-        env=worker_env,
-        args=args,
-        name=name,
-    ) as worker:
-        yield ServiceWorker(worker, application_name, database_url)
-
-
 @pytest.fixture
 def start_worker(database_url: str) -> StartWorker:
     """``with start_worker(pool="threads", concurrency=8) as w: w.send(task, ...)``."""
     return functools.partial(service_worker, database_url)
-
-
-class HTTPServer:
-    """A local HTTP/1.1 server: ``/slow?delay=s`` answers after ``delay`` seconds. It counts
-    requests, the TCP connections they came on, and the most requests in flight at once."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests = 0
-        self.connections: set[tuple[str, int]] = set()
-        self.in_flight = 0
-        self.most_in_flight = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive: a client's pool reuses connections
-
-            def do_GET(self) -> None:
-                query = parse_qs(urlparse(self.path).query)
-                with server.lock:
-                    server.requests += 1
-                    server.connections.add(self.client_address)
-                    server.in_flight += 1
-                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
-                try:
-                    time.sleep(float(query.get("delay", ["0"])[0]))
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-                body = b'{"ok": true}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from async_session_task._config import Settings
 from async_session_task._run import runs
 from async_session_task._worker import check_worker_tasks
 from tests.apps import misconfigured_app
-from tests.conftest import StartWorker
+from tests.helpers import StartWorker
 
 SQLITE = "sqlite+aiosqlite://"
 #: Not a sessionmaker of any kind: what a wrong import string may resolve to.

@@ -15,8 +15,8 @@ from celery.concurrency import ALIASES
 from sqlalchemy.engine import make_url
 
 from async_session_task import _config
-from tests.conftest import unavailable
 from tests.faults.services import PrivatePgBouncer, PrivatePostgres, missing, pgbouncer_missing
+from tests.helpers import unavailable
 
 pytestmark = pytest.mark.services
 

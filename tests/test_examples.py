@@ -30,7 +30,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import MetaData, create_engine, text
 
 from async_session_task.testing import WorkerProcess, file_broker_settings, worker_process
-from tests.conftest import HTTPServer, run_python, wait_for_state
+from tests.helpers import HTTPServer, run_python, wait_for_state
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BROKERS, HTTPServer, StartWorker, run_python
 from tests.faults.services import wait_for
+from tests.helpers import BROKERS, HTTPServer, StartWorker, run_python
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 

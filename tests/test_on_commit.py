@@ -30,15 +30,15 @@ from async_session_task.testing import rollback_sessions
 from tests.apps import oncommit_app as tasks
 from tests.apps.models import Note
 from tests.apps.pg_app import count_notes
-from tests.conftest import (
+from tests.helpers import (
     BROKERS,
     ServiceWorker,
     client_app,
     pg_query,
+    runtime_stats,
     service_worker,
     wait_for_state,
 )
-from tests.test_worker import runtime_stats
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
 

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from async_session_task import _ping
 from async_session_task._config import Settings
 from async_session_task._factory import create_engine
-from tests.conftest import pg_query
+from tests.helpers import pg_query
 
 
 def engine_for(database_url: str, **options: Any) -> tuple[AsyncEngine, list[str]]:

@@ -10,8 +10,14 @@ from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import group
 
 from tests.apps import pg_app
-from tests.conftest import ServiceWorker, StartWorker, pg_query
-from tests.test_worker import assert_clean_stop, assert_no_open_transaction, notes
+from tests.helpers import (
+    ServiceWorker,
+    StartWorker,
+    assert_clean_stop,
+    assert_no_open_transaction,
+    notes,
+    pg_query,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 

@@ -12,8 +12,7 @@ import pytest
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from tests.apps import pg_app
-from tests.conftest import StartWorker
-from tests.test_worker import assert_no_open_transaction, notes
+from tests.helpers import StartWorker, assert_no_open_transaction, notes
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 

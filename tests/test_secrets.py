@@ -23,8 +23,8 @@ from async_session_task._config import Settings
 from async_session_task._worker import check_worker_tasks
 from async_session_task.testing import worker_process
 from tests.apps import misconfigured_app
-from tests.conftest import StartWorker, unavailable
 from tests.faults.services import SECRET_ROLE, PrivatePostgres, missing
+from tests.helpers import StartWorker, unavailable
 
 PASSWORD = f"Sup3rS3cretPw-{uuid.uuid4().hex[:10]}"
 URL = f"postgresql+asyncpg://root:{PASSWORD}@127.0.0.1:1/db"

@@ -8,45 +8,20 @@ from typing import Any
 import pytest
 from celery import group
 
-from async_session_task.testing import SHUTDOWN_PROBLEMS
 from tests.apps import maker_app, pg_app
-from tests.conftest import ServiceWorker, StartWorker, pg_query
+from tests.helpers import (
+    StartWorker,
+    assert_clean_stop,
+    assert_no_open_transaction,
+    notes,
+    pg_query,
+    runtime_stats,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 
 POOLS = ["prefork", "solo", "threads"]
 WAIT = 90
-# Printed by asyncio/asyncpg/SQLAlchemy when a loop or connection is not shut down properly.
-
-
-def notes(worker: ServiceWorker, key: str) -> list[str]:
-    rows = pg_query(worker.database_url, "select text from notes where key = %s order by id", key)
-    return [row[0] for row in rows]
-
-
-def assert_no_open_transaction(worker: ServiceWorker) -> None:
-    states = worker.connections()
-    assert not [s for s in states if s.startswith("idle in transaction")], states
-
-
-def assert_clean_stop(worker: ServiceWorker) -> None:
-    """After a warm shutdown nothing of the worker is left in PostgreSQL."""
-    assert worker.worker.stop() == 0
-    assert worker.connections() == []
-    log = worker.worker.log
-    assert not [noise for noise in SHUTDOWN_PROBLEMS if noise in log], log[-3000:]
-    after_shutdown = log.rpartition("Warm shutdown")[2]
-    assert "Traceback" not in after_shutdown, after_shutdown
-
-
-def runtime_stats(app: Any, worker: ServiceWorker) -> dict[str, Any]:
-    """``celery inspect async_session_stats`` of the worker's main process."""
-    node = worker.worker.nodename
-    replies = app.control.broadcast(
-        "async_session_stats", destination=[node], reply=True, timeout=5
-    )
-    stats: dict[str, Any] = next(reply[node] for reply in replies if node in reply)
-    return stats
 
 
 def key() -> str:

@@ -1,6 +1,6 @@
 """The Celery app that the tests run in real ``celery worker`` processes.
 
-Configured from the environment (see ``tests/conftest.py``), so the same module serves the
+Configured from the environment (see ``tests/helpers.py``), so the same module serves the
 test process (to send tasks) and every worker (to run them).
 """
 

@@ -17,8 +17,8 @@ from async_session_task._run import runs
 from async_session_task._runtime import get_runtime
 from async_session_task._watchdog import Watchdog
 from tests.faults import app
-from tests.faults.conftest import StartFaultWorker
 from tests.faults.services import wait_for
+from tests.helpers import StartFaultWorker
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -27,10 +27,10 @@ from async_session_task import pgbouncer_engine_options
 from async_session_task._config import Settings
 from async_session_task._factory import create_engine as create_async_engine_of
 from async_session_task.testing import WorkerProcess, worker_process
-from tests.conftest import unavailable
 from tests.faults.app import Base
 from tests.faults.services import PrivatePgBouncer, PrivatePostgres, PrivateRedis, wait_for
 from tests.faults.services import pgbouncer_missing as missing
+from tests.helpers import unavailable
 from tests.soak import app as soak_app
 from tests.soak.test_soak import EXPECTED, mix, send
 

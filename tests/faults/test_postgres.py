@@ -13,8 +13,8 @@ import pytest
 from celery import group
 
 from tests.faults import app
-from tests.faults.conftest import FaultWorker, StartFaultWorker
 from tests.faults.services import PrivatePostgres, wait_for
+from tests.helpers import FaultWorker, StartFaultWorker
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
 

@@ -15,8 +15,8 @@ import pytest
 from celery import group
 
 from tests.faults import app
-from tests.faults.conftest import FaultWorker, StartFaultWorker
 from tests.faults.services import PrivateRedis, wait_for
+from tests.helpers import FaultWorker, StartFaultWorker
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
 

@@ -29,9 +29,9 @@ from celery.result import ResultSet
 from sqlalchemy import create_engine
 
 from async_session_task.testing import WorkerProcess, worker_process
-from tests.conftest import unavailable
 from tests.faults.app import Base
 from tests.faults.services import PrivatePostgres, PrivateRedis, missing, wait_for
+from tests.helpers import unavailable
 from tests.soak import app as soak_app
 
 TASKS = int(os.environ.get("AST_SOAK_TASKS", "10000"))
