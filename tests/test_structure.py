@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "async_session_task"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "async_session_task"
 
 
 def _package_imports(tree: ast.Module, *, top_level: bool) -> set[str]:
@@ -94,3 +96,72 @@ def test_only_the_celery_face_connects_signals() -> None:
         if ".connect(" in ast.unparse(tree) and "signals." in ast.unparse(tree)
     )
     assert connecting == ["_worker"]
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _upstream_private_reads() -> dict[str, list[str]]:
+    """Private names of other projects that the package reads, each with where: attributes
+    (``x._name``, ``getattr(x, "_name", ...)``) and imports (``from celery._state import
+    _task_stack``). A private name the package defines anywhere is taken for its own, so an
+    upstream name that a package module also defines goes unseen here."""
+    trees = {path: ast.parse(path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))}
+    own = {path.stem for path in trees}
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                own.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                own.add(node.attr)
+    reads: dict[str, list[str]] = {}
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                names = [node.attr]
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in {"getattr", "hasattr"}
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+            ):
+                names = [node.args[1].value]
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and node.module
+                and node.module.partition(".")[0] != PACKAGE.name
+            ):
+                names = [*node.module.split("."), *(alias.name for alias in node.names)]
+            for name in names:
+                if _private(name) and name not in own:
+                    assert isinstance(node, ast.expr | ast.stmt)  # the three kinds above
+                    where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                    reads.setdefault(name, []).append(where)
+    return reads
+
+
+def _listed_private_names() -> set[str]:
+    """The private parts of the names in docs/internals.md#upstream-private-names."""
+    page = (ROOT / "docs" / "internals.md").read_text()
+    section = page.partition("{#upstream-private-names}")[2].partition("\n# ")[0]
+    names = re.findall(r"^\| `([\w.]+)`", section, re.MULTILINE)
+    assert names, "docs/internals.md#upstream-private-names lists no name"
+    return {part for name in names for part in name.split(".") if _private(part)}
+
+
+def test_upstream_private_names_are_listed() -> None:
+    """docs/internals.md#upstream-private-names is the checklist of an upgrade: every private
+    name of Celery, SQLAlchemy, asyncio or the interpreter the package reads is in it, and
+    it lists nothing the package no longer reads."""
+    reads = _upstream_private_reads()
+    listed = _listed_private_names()
+    unlisted = {name: where for name, where in reads.items() if name not in listed}
+    assert not unlisted, f"list these in docs/internals.md#upstream-private-names: {unlisted}"
+    assert listed <= set(reads), f"listed, no longer read: {sorted(listed - set(reads))}"
