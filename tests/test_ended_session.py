@@ -8,8 +8,7 @@ import uuid
 import pytest
 
 from tests.apps import pg_app
-from tests.conftest import StartWorker
-from tests.test_worker import assert_clean_stop, assert_no_open_transaction, notes
+from tests.helpers import StartWorker, assert_clean_stop, assert_no_open_transaction, notes
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.apps import pg_app
-from tests.conftest import StartWorker
-from tests.test_worker import assert_clean_stop, assert_no_open_transaction
+from tests.helpers import StartWorker, assert_clean_stop, assert_no_open_transaction
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(300)]
 
