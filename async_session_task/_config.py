@@ -231,6 +231,12 @@ def one_at_a_time(pool: str, main_process: bool) -> bool:
     return (pool == "prefork" and not main_process) or (pool == "solo" and main_process)
 
 
+def pool_enforces_limits(pool: str, main_process: bool) -> bool:
+    """Whether the pool enforces both time limits itself: a prefork child (SIGUSR1, then
+    SIGKILL from the parent)."""
+    return pool == "prefork" and not main_process
+
+
 def stall_threshold(conf: Any) -> float:
     """``async_session_stall_threshold`` in seconds (0: the watchdog is off)."""
     configured = conf.get(STALL_THRESHOLD)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from billiard.exceptions import TimeLimitExceeded
 
-from . import _config, _limits, _watchdog
+from . import _config, _limits, _process, _watchdog
 from ._crossing import Crossing
 from ._limits import CANCELLED_RUN_GRACE
 from ._waiters import LockWaiter, hold_hub, original, waiter_class
@@ -62,31 +62,6 @@ class Hooks:
 
 hooks = Hooks()
 
-#: The worker of this process tree: its pool's name and the pid of its main process, set
-#: by ``worker_init`` (sent once, in the main process, before prefork children are forked).
-_worker: tuple[str, int] | None = None
-
-
-def set_worker_pool(pool: str, main_pid: int) -> None:
-    """Record the worker's pool (``prefork``, ``solo``, ``threads``, ``gevent``, ...)."""
-    global _worker
-    _worker = (pool, main_pid)
-
-
-def worker_pool() -> str | None:
-    """The pool of the worker this process belongs to; None outside a worker."""
-    return None if _worker is None else _worker[0]
-
-
-def _prefork_child() -> bool:
-    return _worker is not None and _worker[0] == "prefork" and os.getpid() != _worker[1]
-
-
-def _one_at_a_time() -> bool:
-    """A prefork child, or a solo worker: one task at a time, in the main thread."""
-    one = _worker is not None and _config.one_at_a_time(_worker[0], os.getpid() == _worker[1])
-    return one and threading.current_thread() is threading.main_thread()
-
 
 class Runtime:
     """The event loop of this process and the thread that runs it (or not: ``inline``)."""
@@ -97,9 +72,7 @@ class Runtime:
         self.pid = os.getpid()
         self.closed = False
         self.alive = True
-        self.inline = _one_at_a_time()
-        # Prefork children enforce both time limits themselves (SIGUSR1, then SIGKILL).
-        self.pool_enforces_limits = _prefork_child()
+        self.inline, self.pool_enforces_limits = _process.loop_placement()
         self._stopped = LockWaiter()
         self._new_waiter = waiter_class()
         self._current: Crossing | None = None  # inline: the run in progress

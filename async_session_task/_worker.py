@@ -19,7 +19,7 @@ from celery.exceptions import ImproperlyConfigured
 from celery.worker.control import inspect_command
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _config, _factory, _runtime
+from . import _config, _factory, _process, _runtime
 from ._factory import factories
 from ._lifespan import lifespans
 from ._on_commit import publish_failures
@@ -46,7 +46,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     is recorded here)."""
     pool_cls = getattr(sender, "pool_cls", None)
     name = pool_cls if isinstance(pool_cls, str) else getattr(pool_cls, "__module__", "")
-    _runtime.set_worker_pool(_config.pool_name(name), os.getpid())
+    _process.set_worker_pool(_config.pool_name(name), os.getpid())
     app = getattr(sender, "app", None)
     if app is not None:
         check_worker_tasks(app)
@@ -76,7 +76,7 @@ def check_worker_tasks(app: Any) -> None:
 def check_pool_capacity(app: Any, concurrency: int | None) -> None:
     """Warn once per pool when one process runs more tasks at once than its engine can
     give connections to (threads, gevent, eventlet; prefork and solo run one at a time)."""
-    pool = _runtime.worker_pool()
+    pool = _process.worker_pool()
     if not concurrency or pool is None:
         return
     _, runs = _config.processes_and_runs(pool, concurrency)

@@ -29,7 +29,7 @@ import greenlet
 import psycopg
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from async_session_task import AsyncSessionTask, _runtime
+from async_session_task import AsyncSessionTask, _process
 from benchmarks._apps import database_url, make_app
 
 app = make_app("bench_bridge", backend=False)
@@ -288,7 +288,7 @@ def run(calls: int, db_calls: int, rows: int, rounds: int, inline: bool = False)
     """The trivial ways, then (if ``db_calls``) the DB ways."""
     if inline:
         # What worker_init records in a solo worker: the loop runs in the calling thread.
-        _runtime.set_worker_pool("solo", os.getpid())
+        _process.set_worker_pool("solo", os.getpid())
     ways = measure(WAYS, calls, rounds)
     median = {name: way["median"] for name, way in ways.items()}
     result: dict[str, Any] = {

@@ -72,10 +72,10 @@ def main() -> None:
     first_rows = [IMPLEMENTATIONS[name].first_row or 0 for name in ("library", "sync")]
     with _db.bench_database(options.calls, first_rows) as database:
         os.environ["AST_BENCH_DATABASE"] = database
-        from async_session_task import _runtime
+        from async_session_task import _process
         from benchmarks.bridge import db_ways, measure
 
-        _runtime.set_worker_pool("solo", os.getpid())  # the loop inline, as in a solo worker
+        _process.set_worker_pool("solo", os.getpid())  # the loop inline, as in a solo worker
         with db_ways(options.calls) as ways:
             # Unprofiled first, the ways alternating round by round.
             rounds = 10

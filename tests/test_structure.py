@@ -72,8 +72,9 @@ def test_the_loop_layer_knows_no_runs() -> None:
     """The loop and its watchdog import nothing about runs or sessions, not even through
     another module: what they need of runs is handed to them (``_runtime.hooks``)."""
     modules = _modules()
-    # Settings, the time limits, the crossing, the greenlet driver, the waiters, the watchdog.
-    loop_layer = {"_config", "_limits", "_crossing", "_drive", "_waiters", "_watchdog"}
+    # Settings, the process's place in its worker, the time limits, the crossing, the
+    # greenlet driver, the waiters, the watchdog.
+    loop_layer = {"_config", "_limits", "_process", "_crossing", "_drive", "_waiters", "_watchdog"}
     for name in ("_runtime", "_watchdog"):
         seen: set[str] = set()
         todo = [name]
