@@ -345,7 +345,7 @@ def test_a_lifespan_setting_that_cannot_work_fails_the_run(
     app = Celery("misconfigured-lifespan", set_as_current=False)
     app.conf.async_session_url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
 
-    @app.task(base=AsyncSessionTask, async_session_lifespan=setting)
+    @app.task(base=AsyncSessionTask, async_session_lifespan=setting, shared=False)
     async def uses_lifespan() -> None:
         pass
 

@@ -177,3 +177,27 @@ def test_upstream_private_names_are_listed() -> None:
     unlisted = {name: where for name, where in uses.items() if name not in listed}
     assert not unlisted, f"list these in docs/internals.md#upstream-private-names: {unlisted}"
     assert listed <= set(uses), f"listed, no longer used: {sorted(listed - set(uses))}"
+
+
+def test_tasks_defined_in_functions_are_not_shared() -> None:
+    """``@app.task`` defaults to ``shared=True``: Celery then adds the task to every app
+    finalized later in the process, so a test that defines one twice (parametrized) makes
+    an unrelated later test fail with ``DuplicateTaskNameWarning`` (Celery 5.7)."""
+    offenders = []
+    root = Path(__file__).parent
+    for path in [*root.rglob("*.py"), *(root.parent / "examples").rglob("*.py")]:
+        for outer in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(outer, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for inner in ast.walk(outer):
+                if inner is outer or not isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                for decorator in inner.decorator_list:
+                    if (
+                        isinstance(decorator, ast.Call)
+                        and isinstance(decorator.func, ast.Attribute)
+                        and decorator.func.attr == "task"
+                        and "shared" not in {keyword.arg for keyword in decorator.keywords}
+                    ):
+                        offenders.append(f"{path.relative_to(root.parent)}:{decorator.lineno}")
+    assert not offenders, f"pass shared=False to tasks defined inside functions: {offenders}"
