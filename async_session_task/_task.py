@@ -24,6 +24,7 @@ from ._drive import await_in_body, in_body
 from ._factory import factories
 from ._lifespan import lifespan_state, lifespans
 from ._on_commit import on_commit
+from ._pydantic import result_dumper
 from ._run import Run, current_run, hands_back, in_worker, runs
 from ._runtime import get_runtime
 
@@ -222,9 +223,11 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
 
 
 def _sync_run(function: Callable[..., Any], *, bound: bool) -> Callable[..., Any]:
+    dump = result_dumper(function)  # pydantic=True (docs/internals.md#pydantic-result)
+
     @functools.wraps(function)
     def run(self: AsyncSessionTask, *args: Any, **kwargs: Any) -> Any:
-        return self._run_body(args, kwargs)
+        return dump(self._run_body(args, kwargs))
 
     signature = inspect.signature(function)
     if not bound:  # keep ``self`` first, so Celery's retry sees the body's parameters
