@@ -1,6 +1,7 @@
 """Celery tasks with ``async def`` bodies and one SQLAlchemy ``AsyncSession`` per run."""
 
 from . import _worker  # noqa: F401  # connects the package's signals and inspect command
+from ._decorator import task
 from ._lifespan import lifespan_state
 from ._on_commit import on_commit
 from ._pgbouncer import pgbouncer_engine_options
@@ -13,5 +14,6 @@ __all__ = [
     "lifespan_state",
     "on_commit",
     "pgbouncer_engine_options",
+    "task",
 ]
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ from ._on_commit import on_commit
 from ._pydantic import result_dumper
 from ._run import Run, current_run, hands_back, in_worker, runs
 from ._runtime import get_runtime
+from ._typed import P, R, TypedTask
 
 
 class _DeferredRetry(Retry):  # type: ignore[misc]  # celery is untyped
@@ -42,7 +43,7 @@ class _DeferredRetry(Retry):  # type: ignore[misc]  # celery is untyped
         self.retry_kwargs = kwargs
 
 
-class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
+class AsyncSessionTask(Task, TypedTask[P, R]):  # type: ignore[misc]  # celery is untyped
     """Base for tasks whose body is ``async def`` and uses ``self.session``.
 
     The body runs on this process's event loop; each run gets its own ``AsyncSession``,
@@ -163,7 +164,7 @@ class AsyncSessionTask(Task):  # type: ignore[misc]  # celery is untyped
         result: Retry = super().retry(*args, **kwargs)
         return result
 
-    def delay_on_commit(self, *args: Any, **kwargs: Any) -> AsyncResult:
+    def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
         """``delay()``, published when the current run's session commits (``on_commit``).
 
         Celery's name for it on Django; this one returns the result to come.

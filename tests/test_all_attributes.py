@@ -36,6 +36,7 @@ def test_the_package_names() -> None:
         "lifespan_state",
         "on_commit",
         "pgbouncer_engine_options",
+        "task",
     ]
 
 

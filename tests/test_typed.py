@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from async_session_task import AsyncSessionTask
 from tests.apps import typed_app
 from tests.helpers import StartWorker
 
@@ -32,3 +33,30 @@ def test_pydantic_model_returned_eagerly(
         "title": "c",
         "changed": True,
     }
+
+
+@pytest.mark.services
+@pytest.mark.timeout(180)
+def test_task_decorator_registers_and_runs(start_worker: StartWorker) -> None:
+    """``task(app, ...)`` registers an ``AsyncSessionTask`` with the options it was given."""
+    for registered in (typed_app.count_to, typed_app.own_name):
+        assert isinstance(registered._get_current_object(), AsyncSessionTask)
+    assert typed_app.count_to.autocommit is True
+    assert typed_app.count_to.name in typed_app.app.tasks
+    with start_worker(pool="threads", concurrency=2, module="tests.apps.typed_app") as worker:
+        assert worker.send(typed_app.count_to, 3, "n").get(timeout=WAIT) == "n:3"
+        assert worker.send(typed_app.own_name, 4).get(timeout=WAIT) == (
+            f"{typed_app.own_name.name}:4"
+        )
+
+
+def test_generic_task_class_at_runtime() -> None:
+    """``AsyncSessionTask[[int], None]`` is valid at runtime, and Celery's ``type()`` works."""
+    alias = AsyncSessionTask[[int], None]
+    assert getattr(alias, "__origin__", None) is AsyncSessionTask
+    built = type("built", (AsyncSessionTask,), {"run": _body, "__module__": __name__})
+    assert issubclass(built, AsyncSessionTask)
+
+
+async def _body(n: int) -> int:
+    return n

@@ -1,0 +1,47 @@
+"""Checked by ``mypy --strict`` (warn_unused_ignores): each wrong call errs on its own line."""
+
+from __future__ import annotations
+
+from typing import assert_type
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from async_session_task import AsyncSessionTask, task
+
+app = Celery("typing")
+
+
+@task(app, autocommit=True)
+async def rename(book_id: int, title: str) -> str:
+    return title
+
+
+@task(app, bind=True)
+async def retrying(self: AsyncSessionTask[[int], None], n: int) -> None:
+    self.delay_on_commit(n)
+
+
+def correct_calls() -> None:
+    typed: AsyncSessionTask[[int, str], str] = rename
+    bound: AsyncSessionTask[[int], None] = retrying
+    assert_type(typed(1, "x"), str)
+    assert_type(bound.delay(1), AsyncResult)
+    assert_type(rename(1, "x"), str)
+    assert_type(rename.delay(1, "x"), AsyncResult)
+    assert_type(rename.delay(book_id=1, title="x"), AsyncResult)
+    rename.apply_async((1, "x"), countdown=5)
+    rename.delay_on_commit(1, "x")
+    rename.si(1, "x")
+    rename.s(1)  # a partial: the title may come from a chain
+    assert_type(retrying(1), None)
+
+
+def wrong_calls() -> None:
+    rename.delay("1", "x")  # type: ignore[arg-type]
+    rename.delay(1)  # type: ignore[call-arg]
+    rename.delay(1, "x", 3)  # type: ignore[call-arg]
+    rename.delay_on_commit(1, 2)  # type: ignore[arg-type]
+    rename.si("1", "x")  # type: ignore[arg-type]
+    retrying(1, 2)  # type: ignore[call-arg]
+    retrying.delay("1")  # type: ignore[arg-type]
