@@ -40,6 +40,7 @@ EXECUTED = {
     "docs/examples/testing/conftest.py",
     "docs/examples/testing/test_orders.py",
     "docs/examples/on_commit_testing.py",
+    "tests/typing/calls.py",  # checked by mypy, run by tests/test_typed.py
     "examples/demo.py",
     "examples/settings.py",
     "examples/shop/db.py",

@@ -60,3 +60,11 @@ def test_generic_task_class_at_runtime() -> None:
 
 async def _body(n: int) -> int:
     return n
+
+
+def test_typed_calls_run_eagerly() -> None:
+    """The calls mypy checks in tests/typing/calls.py also run (eagerly)."""
+    from tests.typing import calls
+
+    calls.correct_calls()
+    assert calls.rename.delay(2, "y").get() == "y"

@@ -9,7 +9,9 @@ from celery.result import AsyncResult
 
 from async_session_task import AsyncSessionTask, task
 
-app = Celery("typing")
+app = Celery("typing", set_as_current=False)
+# Eager, so that tests/test_typed.py also runs the correct calls.
+app.conf.update(task_always_eager=True, async_session_url="sqlite+aiosqlite://")
 
 
 @task(app, autocommit=True)
@@ -19,7 +21,9 @@ async def rename(book_id: int, title: str) -> str:
 
 @task(app, bind=True)
 async def retrying(self: AsyncSessionTask[[int], None], n: int) -> None:
-    self.delay_on_commit(n)
+    if n > 0:
+        self.delay_on_commit(n - 1)  # published when this run's session commits
+    await self.session.commit()
 
 
 def correct_calls() -> None:
@@ -31,7 +35,6 @@ def correct_calls() -> None:
     assert_type(rename.delay(1, "x"), AsyncResult)
     assert_type(rename.delay(book_id=1, title="x"), AsyncResult)
     rename.apply_async((1, "x"), countdown=5)
-    rename.delay_on_commit(1, "x")
     rename.si(1, "x")
     rename.s(1)  # a partial: the title may come from a chain
     assert_type(retrying(1), None)
