@@ -43,7 +43,7 @@ class _DeferredRetry(Retry):  # type: ignore[misc]  # celery is untyped
         self.retry_kwargs = kwargs
 
 
-class AsyncSessionTask(Task, TypedTask[P, R]):  # type: ignore[misc]  # celery is untyped
+class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery is untyped
     """Base for tasks whose body is ``async def`` and uses ``self.session``.
 
     The body runs on this process's event loop; each run gets its own ``AsyncSession``,
