@@ -9,6 +9,7 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
+PYRIGHT = "pyright@1.1.390"
 
 
 def install_test(session: nox.Session, *constraints: str) -> None:
@@ -70,6 +71,23 @@ def typecheck(session: nox.Session) -> None:
     install_test(session)
     session.install(".[typecheck]")
     session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("celery_types", ["none", "0.26.0"])
+def typing(session: nox.Session, celery_types: str) -> None:
+    """tests/typing/ under mypy --strict (with and without celery-types) and pyright strict
+    (without); an unused ignore fails, so each wrong call must stay an error on its line."""
+    session.install("-e", ".[typecheck]", "pydantic")
+    if celery_types != "none":
+        session.install(f"celery-types=={celery_types}")
+    session.run("mypy", "--strict", "tests/typing/calls.py")
+    if celery_types != "none":
+        # celery-types makes AsyncResult generic; delay() returns a bare one (docs/typed-tasks.md).
+        return
+    python = f"{session.virtualenv.location}/bin/python"
+    project = "tests/typing/pyrightconfig.json"
+    session.run("npx", "--yes", PYRIGHT, "-p", project, "--pythonpath", python, external=True)
 
 
 @nox.session(python=PYTHON)
