@@ -79,7 +79,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json"
     )
     parser.add_argument(
-        "--docs", type=Path, default=ROOT / "docs", help="where performance.md and the plot go"
+        "--docs", type=Path, default=ROOT / "docs", help="where performance.md goes"
     )
     parser.add_argument("--no-docs", action="store_true", help="write no docs page")
     options = parser.parse_args(argv)

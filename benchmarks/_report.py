@@ -1,4 +1,4 @@
-"""The results as a terminal table, the targets they are judged by, and the docs page + plot."""
+"""The results as a terminal table, the targets they are judged by, and the docs page."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import _machine, _stats, _svg
+from benchmarks import _machine, _stats
 from benchmarks._variants import BASELINES, FACTORS, IMPLEMENTATIONS
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -278,7 +278,7 @@ def table(results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def generated_section(results: dict[str, Any], plot_name: str) -> str:
+def generated_section(results: dict[str, Any]) -> str:
     settings = results["settings"]
     when = results.get("measured_at") or datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
@@ -298,7 +298,6 @@ def generated_section(results: dict[str, Any], plot_name: str) -> str:
     ]
     if workers := rows(results):
         parts += ["", "### Workers", "", _markdown_table(COLUMNS, workers)]
-    parts += ["", f"![median per implementation; lines: min-max over rounds]({plot_name})"]
     if bridge := bridge_rows(results):
         parts += [
             "",
@@ -332,20 +331,18 @@ def generated_section(results: dict[str, Any], plot_name: str) -> str:
 
 
 def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
-    """Write the plot and refresh the generated part of ``performance.md``.
+    """Refresh the generated part of ``performance.md``.
 
     Only the text between the ``bench`` markers is replaced, so what is written around it
     by hand (the analysis of the numbers) stays.
     """
     docs.mkdir(parents=True, exist_ok=True)
-    plot = docs / "performance.svg"
-    plot.write_text(_svg.plot(results))
     page = docs / "performance.md"
-    section = generated_section(results, plot.name)
+    section = generated_section(results)
     if page.exists() and BEGIN in (text := page.read_text()) and END in text:
         head, _, rest = text.partition(BEGIN)
         text = head + section + rest.partition(END)[2]
     else:
         text = f"# Performance\n\nRun `nox -s bench` to measure again.\n\n{section}\n"
     page.write_text(text)
-    return [page, plot]
+    return [page]
