@@ -3,6 +3,7 @@
 from . import _worker  # noqa: F401  # connects the package's signals and inspect command
 from ._decorator import task
 from ._lifespan import lifespan_state
+from ._marker import cleanup_runs, runs_table
 from ._on_commit import on_commit
 from ._pgbouncer import pgbouncer_engine_options
 from ._run import current_session
@@ -10,10 +11,12 @@ from ._task import AsyncSessionTask
 
 __all__ = [
     "AsyncSessionTask",
+    "cleanup_runs",
     "current_session",
     "lifespan_state",
     "on_commit",
     "pgbouncer_engine_options",
+    "runs_table",
     "task",
 ]
 __version__ = "0.1.0"

@@ -3,7 +3,8 @@ session factories they take their sessions from are ``_factory.factories``).
 
 The lifecycle of one run, as the task class drives it:
 
-1. ``before_start`` registers a :class:`Run` in :data:`runs` (keyed by task id and request).
+1. ``before_start`` registers a :class:`Run` in ``_registry.runs`` (keyed by task id and
+   request).
 2. :meth:`Run.execute` awaits the body on the loop with the run as :data:`current_run`; its
    session is made on first use. When the body ends, whatever the outcome, the asyncio tasks
    the run started are ended and the session is closed (what was not committed is rolled
@@ -18,10 +19,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import Context, ContextVar
-from types import CoroutineType, FrameType
+from types import CoroutineType
 from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,6 +29,8 @@ from sqlalchemy.orm.session import _SessionCloseState
 
 from ._crossing import Crossing
 from ._drive import drive
+from ._marker import claim
+from ._once import AlreadyRun, Once, one_transaction
 
 T = TypeVar("T")
 logger = logging.getLogger("async_session_task")
@@ -47,8 +49,8 @@ class Run:
     """
 
     __slots__ = (
-        "_maker", "_session", "crossing", "ended", "greenlet", "lifespan_state", "request",
-        "task", "tasks",
+        "_maker", "_session", "crossing", "ended", "greenlet", "key", "lifespan_state",
+        "request", "task", "tasks",
     )  # fmt: skip
 
     def __init__(
@@ -68,6 +70,8 @@ class Run:
         #: What the task's lifespan yielded (None: the task has none), as ``lifespan_state()``.
         self.lifespan_state: Mapping[str, Any] | None = None
         self.ended = False
+        #: The idempotency key of the run (None: not idempotent), as its marker holds it.
+        self.key: str | None = None
 
     def __repr__(self) -> str:
         return f"{self.task.name}[{self.request.id}]"
@@ -101,10 +105,18 @@ class Run:
         body: Coroutine[Any, Any, Any],
         autocommit: bool,
         lifespan: Awaitable[Mapping[str, Any]] | None = None,
+        once: Once | None = None,
+        again: Callable[[], Coroutine[Any, Any, Any]] | None = None,
     ) -> Any:
         """The run on the loop, top to bottom: enter the task's ``lifespan`` (if it has one;
-        its state is then :attr:`lifespan_state`), await ``body`` as this run, commit if
-        ``autocommit``, then end the run, whatever the outcome."""
+        its state is then :attr:`lifespan_state`), await ``body`` as this run (after writing
+        its marker, if ``once`` gives it a key), commit if ``autocommit``, then end the run,
+        whatever the outcome. After a conflict that ``once`` allows to re-run, the attempt's
+        tasks and session are ended and ``again()`` makes the next body.
+
+        Raises:
+            AlreadyRun: the run's key was run already (the body did not run).
+        """
         if lifespan is not None:
             try:
                 self.lifespan_state = await lifespan
@@ -113,25 +125,59 @@ class Run:
                 raise
         token = current_run.set(self)
         try:
-            result = await drive(body, self)
-            if inspect.isawaitable(result):
-                if inspect.iscoroutine(result):
-                    result.close()  # never awaited: no "was never awaited" warning on top
-                raise TypeError(
-                    f"{self.task.name}: the body returned {type(result).__name__} instead of "
-                    "its value; await it: 'return await ...'."
-                )
-            if autocommit and self._session is not None:  # an unused session: nothing to do
-                # Driven as the body is: what the commit publishes (on_commit) is handed to
-                # the worker (docs/on-commit.md#where-it-publishes).
-                await drive(self._session.commit())
-            return result
+            attempt = 1
+            while True:
+                try:
+                    return await self._attempt(body, autocommit, once)
+                except Exception as exc:
+                    if once is None or again is None:
+                        raise
+                    delay = once.again(exc, attempt, self)
+                    if delay is None:
+                        raise
+                await self._release()  # rolls back; what on_commit queued is dropped with it
+                await asyncio.sleep(delay)
+                attempt += 1
+                body = again()
         finally:
             current_run.reset(token)
             await self._end()
 
+    async def _attempt(
+        self, body: Coroutine[Any, Any, Any], autocommit: bool, once: Once | None
+    ) -> Any:
+        if once is not None and self.key is not None:
+            try:
+                marked = self.session
+                holder = await claim(marked, self.key, self.task.name, self.request.id or "")
+            except BaseException:
+                body.close()
+                raise
+            if holder is not None:
+                body.close()
+                raise AlreadyRun(self.key, holder)
+            one_transaction(marked, self)
+        result = await drive(body, self)
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited: no "was never awaited" warning on top
+            raise TypeError(
+                f"{self.task.name}: the body returned {type(result).__name__} instead of "
+                "its value; await it: 'return await ...'."
+            )
+        session = self._session
+        if autocommit and session is not None and session.in_transaction():
+            # Driven as the body is: what the commit publishes (on_commit) is handed to
+            # the worker (docs/on-commit.md#where-it-publishes).
+            await drive(session.commit())
+        return result
+
     async def _end(self) -> None:
         self.ended = True  # from here on, current_session() and self.session refuse
+        await self._release()
+
+    async def _release(self) -> None:
+        """End the tasks the run started and close its session (for good)."""
         tasks, self.tasks = self.tasks or {}, None
         pending = {task: name for task, name in tasks.items() if not task.done()}
         if pending:
@@ -225,64 +271,3 @@ def task_factory(
 async def _driven(coro: Coroutine[Any, Any, T]) -> T:
     # asyncio.Task takes a coroutine; drive() is generator-based (Python 3.12 refuses those).
     return await drive(coro)
-
-
-class Registry:
-    """The runs in flight in this process, keyed by task id: a run is added in
-    ``before_start`` (or by a direct call), looked up by ``self.session``, forgotten on
-    ``task_postrun``; the worker's stats count it, the stall watchdog asks it who holds the
-    loop.
-
-    Two runs may share a task id: ``self.retry()`` publishes the next run before the current
-    one has been cleaned up, and a redelivery under ``acks_late`` repeats it
-    (docs/internals.md#same-task-id). Each run has its own request object, alive for the
-    whole run, so the key pairs the task id with that object's identity, and the entry keeps
-    the object alive so the pair cannot be reused while the entry exists.
-    """
-
-    def __init__(self) -> None:
-        self._runs: dict[tuple[str | None, int], Run] = {}
-        # A forked child must not see (or close) the sessions of its parent.
-        os.register_at_fork(after_in_child=self._runs.clear)
-
-    def add(self, run: Run) -> None:
-        self._runs[run.request.id, id(run.request)] = run
-
-    def get(self, request: Any) -> Run | None:
-        return self._runs.get((request.id, id(request)))
-
-    def discard(self, request: Any) -> Run | None:
-        """Remove the run of ``request``; idempotent, and a missing entry is fine: after a
-        hard time limit Celery ends the run in the parent
-        (docs/internals.md#hard-limit-in-parent)."""
-        return self._runs.pop((request.id, id(request)), None)
-
-    def owner_of(self, task: asyncio.Task[Any] | None) -> Run | None:
-        """The run that ``task`` (an asyncio task) belongs to, if any."""
-        if task is None:
-            return None
-        for run in list(self._runs.values()):
-            crossing = run.crossing
-            if (crossing is not None and crossing.task is task) or task in (run.tasks or ()):
-                return run
-        return None
-
-    def holding(self, task: asyncio.Task[Any] | None) -> tuple[str | None, FrameType | None]:
-        """For the stall watchdog, given the loop's current task: the run holding the loop
-        (None: no run), and where its body waits if a blocking call switched its greenlet
-        out while its task held the loop. Under gevent a patched ``time.sleep`` switches
-        the loop thread to its hub, so the thread's stack shows only the hub, while the
-        body's greenlet keeps its frame. (A body that awaits gives the loop back: its task
-        is then not the current one.)"""
-        run = self.owner_of(task)
-        if run is None:
-            return None, None
-        body = run.crossing is not None and run.crossing.task is task
-        frame: FrameType | None = getattr(run.greenlet, "gr_frame", None) if body else None
-        return repr(run), frame
-
-    def __len__(self) -> int:
-        return len(self._runs)
-
-
-runs = Registry()

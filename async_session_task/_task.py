@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Retry
 from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,10 +24,14 @@ from ._drive import await_in_body, in_body
 from ._factory import factories
 from ._lifespan import lifespan_state, lifespans
 from ._on_commit import on_commit
+from ._once import AlreadyRun, Once, count
 from ._pydantic import result_dumper
-from ._run import Run, current_run, in_worker, runs
+from ._registry import runs
+from ._run import Run, current_run, in_worker
 from ._runtime import get_runtime
 from ._typed import P, R, TypedTask
+
+logger = logging.getLogger("async_session_task")
 
 
 class _DeferredRetry(Retry):  # type: ignore[misc]  # celery is untyped
@@ -53,6 +58,9 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
 
     * ``autocommit``: commit after a successful body, inside the run, so a failed commit
       fails the task and its retry policy applies.
+    * ``idempotent``, ``isolation_level``, ``retry_on_conflict``: a run keyed by a marker
+      written in its own transaction, the isolation level of its transactions, re-runs of
+      the body after a serialization failure or a deadlock (docs/running-once.md).
     * ``async_session_url``, ``async_session_engine_options``, ``async_session_options``,
       ``async_session_maker``, ``async_session_lifespan``: override the ``app.conf``
       settings of the same names.
@@ -65,11 +73,16 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
     async_session_options: ClassVar[dict[str, Any] | None] = None
     async_session_maker: ClassVar[Any] = None
     async_session_lifespan: ClassVar[Any] = None
+    idempotent: ClassVar[bool | Callable[..., str]] = False
+    isolation_level: ClassVar[str | None] = None
+    retry_on_conflict: ClassVar[int] = 0
 
     _body: Callable[..., Any]
+    _once: ClassVar[Once | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls._once = Once.of(cls)  # a bad option fails here, where the task is declared
         body = cls.__dict__.get("run")
         if body is None:
             return
@@ -140,7 +153,11 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Register this run; its session is made on first use."""
         # The factory is resolved now, so a misconfigured task still fails every run.
-        runs.add(Run(self, self.request, factories.maker_for(self)))
+        runs.add(Run(self, self.request, self._session_maker()))
+
+    def _session_maker(self) -> Callable[[], AsyncSession]:
+        maker = factories.maker_for(self)
+        return maker if self._once is None else self._once.isolated(maker)
 
     @staticmethod
     def _forget_run(sender: Any = None, **_: Any) -> None:
@@ -191,9 +208,15 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
         run = runs.get(request)
         owned = run is None
         if run is None:  # called directly, without before_start (docs/internals.md#direct-call)
-            run = Run(self, request, factories.maker_for(self))
+            run = Run(self, request, self._session_maker())
             runs.add(run)
         try:
+            once = self._once
+            again = None
+            if once is not None:
+                run.key = once.key(request, args, kwargs)
+                if once.retry_on_conflict:
+                    again = functools.partial(self._body, *args, **kwargs)
             body = self._body(*args, **kwargs)
             if not inspect.iscoroutine(body):
                 raise TypeError(
@@ -205,7 +228,7 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
             except BaseException:
                 body.close()
                 raise
-            execution = run.execute(body, self.autocommit, lifespan)
+            execution = run.execute(body, self.autocommit, lifespan, once, again)
             runtime = get_runtime(self.app)
             if runtime.on_loop() and in_body():
                 # A nested eager call from inside a body (docs/internals.md#nested-eager): the
@@ -217,6 +240,16 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
             return runtime.run(execution, holder=run, soft=soft, hard=hard, name=self.name)
         except _DeferredRetry as deferred:
             raise super().retry(*deferred.retry_args, **deferred.retry_kwargs) from None
+        except AlreadyRun as done:
+            count("skipped")
+            logger.info(
+                "%s[%s] skipped: its key %r was run already by %s", self.name, request.id,
+                done.key, done.holder or "a direct call",
+            )  # fmt: skip
+            if done.holder == request.id:
+                # A redelivery: Ignore stores no state, so the first run's result stays.
+                raise Ignore() from None
+            return None
         finally:
             if owned:
                 runs.discard(request)

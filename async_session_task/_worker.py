@@ -19,11 +19,12 @@ from celery.exceptions import ImproperlyConfigured
 from celery.worker.control import inspect_command
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _config, _factory, _process, _runtime
+from . import _config, _factory, _once, _process, _runtime
 from ._factory import factories
 from ._lifespan import lifespans
 from ._on_commit import publish_failures
-from ._run import runs, task_factory
+from ._registry import runs
+from ._run import task_factory
 from ._task import AsyncSessionTask, async_session_tasks
 
 logger = logging.getLogger("async_session_task")
@@ -116,12 +117,17 @@ def async_session_stats(state: Any, **_: Any) -> dict[str, Any]:
     In a prefork worker the main process never starts a loop; each child has its own, and
     reports leaked sessions in its log when it exits.
     """
+    once = _once.counts()
     return {
         "pid": os.getpid(),
         "loop_running": _runtime.current() is not None,
         "sessions": len(runs),
         "engines": factories.engine_count(),
         "publish_failures": publish_failures(),
+        # Bodies run again after a serialization failure or deadlock; idempotent runs
+        # skipped because their key had run (docs/running-once.md).
+        "conflict_reruns": once["reruns"],
+        "skipped_runs": once["skipped"],
     }
 
 

@@ -32,10 +32,12 @@ def test_the_package_names() -> None:
     """The public names the docs describe (docs/api.md)."""
     assert sorted(async_session_task.__all__) == [
         "AsyncSessionTask",
+        "cleanup_runs",
         "current_session",
         "lifespan_state",
         "on_commit",
         "pgbouncer_engine_options",
+        "runs_table",
         "task",
     ]
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import sessionmaker
 
 from async_session_task import AsyncSessionTask, current_session
 from async_session_task._config import Settings
-from async_session_task._run import runs
+from async_session_task._registry import runs
 from async_session_task._worker import check_worker_tasks
 from tests.apps import misconfigured_app
 from tests.helpers import StartWorker

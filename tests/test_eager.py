@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from async_session_task import AsyncSessionTask, current_session
 from async_session_task._factory import factories
-from async_session_task._run import Registry, Run, runs
+from async_session_task._registry import Registry, runs
+from async_session_task._run import Run
 from async_session_task._runtime import get_runtime
 
 flag: contextvars.ContextVar[str] = contextvars.ContextVar("flag", default="unset")

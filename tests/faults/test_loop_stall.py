@@ -13,7 +13,7 @@ import pytest
 from celery import Celery, group
 
 from async_session_task import AsyncSessionTask
-from async_session_task._run import runs
+from async_session_task._registry import runs
 from async_session_task._runtime import get_runtime
 from async_session_task._watchdog import Watchdog
 from tests.faults import app

@@ -1,0 +1,250 @@
+"""Exactly-once database effects: idempotent runs keyed by a marker in their own
+transaction, and bodies run again after a serialization failure or a deadlock.
+
+In-process runs on SQLite and PostgreSQL show the rules; real workers (Redis and RabbitMQ,
+prefork and threads, PostgreSQL directly and through PgBouncer) show the guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import MetaData, create_engine, select, text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.schema import CreateTable
+
+from async_session_task import AsyncSessionTask, cleanup_runs, current_session, runs_table
+from async_session_task._marker import MissingTable
+from tests.apps import models
+from tests.apps.models import Account, Note
+from tests.helpers import pg_query
+
+
+def make_app(url: str) -> Celery:
+    app = Celery("once", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.async_session_url = url
+    return app
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def app(request: pytest.FixtureRequest, tmp_path: Path) -> Celery:
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'once.db'}"
+        engine = create_engine(f"sqlite:///{tmp_path / 'once.db'}")
+        models.Base.metadata.create_all(engine)
+        engine.dispose()
+    else:
+        url = request.getfixturevalue("database_url")
+    return make_app(url)
+
+
+async def notes_of(key: str) -> list[str]:
+    rows = await current_session().scalars(select(Note.text).where(Note.key == key))
+    return list(rows)
+
+
+def tasks(app: Celery) -> dict[str, Any]:
+    @app.task(bind=True, base=AsyncSessionTask, idempotent=True, autocommit=True, shared=False)
+    async def charge(self: AsyncSessionTask, key: str, fail: bool = False) -> str:
+        self.session.add(Note(key=key, text=self.request.id))
+        await self.session.flush()
+        if fail:
+            raise ValueError("the body failed")
+        return str(self.request.id)
+
+    @app.task(
+        base=AsyncSessionTask, idempotent=lambda key, **_: f"order:{key}", autocommit=True,
+        shared=False,
+    )  # fmt: skip
+    async def per_order(key: str) -> int:
+        current_session().add(Note(key=key, text="charged"))
+        return 1
+
+    @app.task(base=AsyncSessionTask, shared=False)
+    async def count(key: str) -> list[str]:
+        return await notes_of(key)
+
+    return {"charge": charge, "per_order": per_order, "count": count}
+
+
+def test_a_task_id_runs_once(app: Celery) -> None:
+    t = tasks(app)
+    key, task_id = uuid.uuid4().hex, uuid.uuid4().hex
+    first = t["charge"].apply((key,), task_id=task_id)
+    again = t["charge"].apply((key,), task_id=task_id)
+    assert first.get() == task_id
+    # A redelivery stores no state of its own (Ignore): the first run's result stays.
+    assert again.state == "IGNORED"
+    assert t["count"].apply((key,)).get() == [task_id]
+
+
+def test_a_business_key_runs_once_under_two_task_ids(app: Celery) -> None:
+    t = tasks(app)
+    key = uuid.uuid4().hex
+    assert t["per_order"].apply((key,)).get() == 1
+    second = t["per_order"].apply((key,))
+    assert second.state == "SUCCESS"  # skipped, not failed
+    assert second.get() is None
+    assert t["count"].apply((key,)).get() == ["charged"]
+
+
+def test_a_failed_body_rolls_its_marker_back(app: Celery) -> None:
+    t = tasks(app)
+    key, task_id = uuid.uuid4().hex, uuid.uuid4().hex
+    failed = t["charge"].apply((key,), {"fail": True}, task_id=task_id)
+    assert isinstance(failed.result, ValueError)
+    assert t["charge"].apply((key,), task_id=task_id).get() == task_id  # runs: no marker
+    assert t["count"].apply((key,)).get() == [task_id]
+
+
+def test_a_second_commit_of_an_idempotent_run_fails(app: Celery) -> None:
+    @app.task(bind=True, base=AsyncSessionTask, idempotent=True, shared=False)
+    async def twice(self: AsyncSessionTask, key: str) -> None:
+        self.session.add(Note(key=key, text="first"))
+        await self.session.commit()
+        self.session.add(Note(key=key, text="second"))
+        await self.session.commit()
+
+    key = uuid.uuid4().hex
+    result = twice.apply((key,))
+    assert isinstance(result.result, InvalidRequestError)
+    assert "one transaction" in str(result.result)
+    assert tasks(app)["count"].apply((key,)).get() == ["first"]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "says"),
+    [
+        ({"idempotent": "yes"}, TypeError, "idempotent must be True"),
+        ({"isolation_level": "SERIAL"}, ValueError, "isolation_level must be one of"),
+        ({"retry_on_conflict": -1}, ValueError, "an int >= 0"),
+        ({"retry_on_conflict": True}, ValueError, "an int >= 0"),
+    ],
+)
+def test_bad_options_fail_where_the_task_is_declared(
+    tmp_path: Path, options: dict[str, Any], error: type[Exception], says: str
+) -> None:
+    app = make_app(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+
+    async def bad() -> None: ...
+
+    with pytest.raises(error, match=says):
+        app.task(base=AsyncSessionTask, shared=False, lazy=False, **options)(bad)
+
+
+def test_a_key_that_is_not_a_string_fails_the_run(tmp_path: Path) -> None:
+    app = make_app(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+
+    @app.task(base=AsyncSessionTask, idempotent=lambda n: n, shared=False)
+    async def numbered(n: int) -> None: ...
+
+    result = numbered.apply((7,))
+    assert isinstance(result.result, TypeError)
+    assert "non-empty str" in str(result.result)
+
+
+def test_a_missing_table_says_what_to_do(tmp_path: Path) -> None:
+    app = make_app(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
+    result = tasks(app)["charge"].apply(("k",))
+    assert isinstance(result.result, MissingTable)
+    assert "runs_table(Base.metadata)" in str(result.result)
+
+
+def test_cleanup_removes_only_old_markers(app: Celery) -> None:
+    t = tasks(app)
+    keys = [uuid.uuid4().hex for _ in range(3)]
+    for key in keys:
+        t["charge"].apply((key,))
+
+    async def cleanup() -> tuple[int, int]:
+        engine = create_async_engine(app.conf.async_session_url)
+        try:
+            kept = await cleanup_runs(engine)  # the default: 7 days
+            async with engine.connect() as conn:
+                deleted = await cleanup_runs(conn, older_than=datetime.timedelta(seconds=-60))
+            return kept, deleted
+        finally:
+            await engine.dispose()
+
+    kept, deleted = asyncio.run(cleanup())
+    assert kept == 0
+    assert deleted >= 3
+
+
+def test_runs_table_is_the_documented_ddl() -> None:
+    table = runs_table(MetaData())
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]  # untyped in SQLAlchemy
+    ddl = str(CreateTable(table).compile(dialect=dialect))
+    expected = (
+        "key VARCHAR(255) NOT NULL",
+        "created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL",
+        "PRIMARY KEY (key)",
+    )
+    for line in expected:
+        assert line in ddl, ddl
+    assert [index.name for index in table.indexes] == ["ix_async_session_runs_created_at"]
+
+
+def test_a_serialization_failure_runs_the_body_again(database_url: str) -> None:
+    """A real 40001: after the body read a balance, another transaction changes it."""
+    app = make_app(database_url)
+    account = uuid.uuid4().hex
+    pg_query(database_url, "insert into accounts values (%s, 10) returning id", account)
+    seen: list[int] = []
+
+    @app.task(
+        bind=True, base=AsyncSessionTask, isolation_level="SERIALIZABLE", retry_on_conflict=2,
+        autocommit=True, shared=False,
+    )  # fmt: skip
+    async def add_one(self: AsyncSessionTask) -> int:
+        row = await self.session.get(Account, account)
+        assert row is not None
+        seen.append(row.balance)
+        if len(seen) == 1:  # the first attempt: someone else writes the same row
+            await asyncio.to_thread(
+                pg_query,
+                database_url,
+                "update accounts set balance = 100 where id = %s returning id",
+                account,
+            )
+        row.balance += 1
+        await self.session.flush()
+        return row.balance
+
+    assert add_one.apply().get() == 101
+    assert seen == [10, 100]
+    assert pg_query(database_url, "select balance from accounts where id = %s", account) == [(101,)]
+
+
+def test_without_retries_the_conflict_is_raised(database_url: str) -> None:
+    app = make_app(database_url)
+    account = uuid.uuid4().hex
+    pg_query(database_url, "insert into accounts values (%s, 10) returning id", account)
+
+    @app.task(
+        bind=True, base=AsyncSessionTask, isolation_level="REPEATABLE READ", autocommit=True,
+        shared=False,
+    )  # fmt: skip
+    async def add_one(self: AsyncSessionTask) -> None:
+        level = await self.session.scalar(text("show transaction_isolation"))
+        assert level == "repeatable read"
+        row = await self.session.get(Account, account)
+        assert row is not None
+        await asyncio.to_thread(
+            pg_query,
+            database_url,
+            "update accounts set balance = 100 where id = %s returning id",
+            account,
+        )
+        row.balance += 1
+
+    result = add_one.apply()
+    assert "could not serialize" in str(result.result)
