@@ -8,8 +8,10 @@ prefork and threads, PostgreSQL directly and through PgBouncer) show the guarant
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +19,24 @@ import pytest
 from celery import Celery
 from sqlalchemy import MetaData, create_engine, select, text
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.schema import CreateTable
 
 from async_session_task import AsyncSessionTask, cleanup_runs, current_session, runs_table
 from async_session_task._marker import MissingTable
-from tests.apps import models
+from benchmarks import _pgbouncer
+from tests.apps import models, once_app
 from tests.apps.models import Account, Note
-from tests.helpers import pg_query
+from tests.helpers import (
+    ServiceWorker,
+    assert_clean_stop,
+    pg_query,
+    runtime_stats,
+    service_worker,
+    unavailable,
+)
 
 
 def make_app(url: str) -> Celery:
@@ -248,3 +259,129 @@ def test_without_retries_the_conflict_is_raised(database_url: str) -> None:
 
     result = add_one.apply()
     assert "could not serialize" in str(result.result)
+
+
+# Real workers: the guarantees under real redelivery, concurrency and conflicts.
+
+ONCE_APP = "tests.apps.once_app"
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+def through(request: pytest.FixtureRequest, database_url: str) -> Iterator[dict[str, Any]]:
+    """Worker options reaching the test database directly, or through a real PgBouncer in
+    transaction pooling mode."""
+    if request.param == "direct":
+        yield {}
+        return
+    unavailable(_pgbouncer.missing())
+    with _pgbouncer.PgBouncer(5432, make_url(database_url).database or "", pool_size=4) as bouncer:
+        yield {"database_url": bouncer.url, "env": {"AST_PGBOUNCER": "1"}}
+
+
+@contextlib.contextmanager
+def once_worker(
+    database_url: str, through: dict[str, Any], **options: Any
+) -> Iterator[ServiceWorker]:
+    env = {**through.get("env", {}), **options.pop("env", {})}
+    url = through.get("database_url", database_url)
+    with service_worker(url, module=ONCE_APP, env=env, **options) as worker:
+        yield worker
+
+
+def notes_by(database_url: str, key: str) -> list[str]:
+    rows = pg_query(database_url, "select text from notes where key = %s order by id", key)
+    return [row[0] for row in rows]
+
+
+def accounts(database_url: str, *names: str) -> list[int]:
+    rows = dict(
+        pg_query(database_url, "select id, balance from accounts where id = any(%s)", list(names))
+    )
+    return [rows[name] for name in names]
+
+
+def open_accounts(database_url: str, balance: int, count: int) -> list[str]:
+    names = [uuid.uuid4().hex for _ in range(count)]
+    for name in names:
+        pg_query(database_url, "insert into accounts values (%s, %s) returning id", name, balance)
+    return names
+
+
+@pytest.mark.services
+def test_one_task_id_sent_twice_at_once_has_one_effect(
+    database_url: str, through: dict[str, Any]
+) -> None:
+    with once_worker(database_url, through, pool="threads", concurrency=4) as worker:
+        key, task_id = uuid.uuid4().hex, uuid.uuid4().hex
+        results = [worker.send(once_app.charge, key, 0.5, task_id=task_id) for _ in range(2)]
+        assert results[0].get(timeout=30) == task_id
+        worker.wait_for_log("skipped")
+        assert notes_by(database_url, key) == [task_id]
+        log = worker.worker.log
+        assert f"skipped: its key {task_id!r} was run already by {task_id}" in log, log[-3000:]
+        # A threads worker runs its bodies in its main process, which answers inspect.
+        assert runtime_stats(worker.worker.app, worker)["skipped_runs"] == 1
+        if not through:  # PgBouncer keeps its server connections after the worker stops
+            assert_clean_stop(worker)
+
+
+@pytest.mark.services
+def test_a_business_key_under_two_task_ids_has_one_effect(
+    database_url: str, through: dict[str, Any]
+) -> None:
+    with once_worker(database_url, through, pool="threads", concurrency=4) as worker:
+        key = uuid.uuid4().hex
+        sent = [worker.send(once_app.charge_per_order, key, 0.3) for _ in range(2)]
+        returned = sorted([result.get(timeout=30) for result in sent], key=str)
+        # One ran and returned its id; the other was skipped (None), concurrent or later.
+        ran = [value for value in returned if value is not None]
+        assert len(ran) == 1
+        assert notes_by(database_url, key) == ran
+        assert f"skipped: its key 'order:{key}'" in worker.worker.log
+
+
+@pytest.mark.services
+def test_a_child_killed_after_commit_is_redelivered_and_skipped(database_url: str) -> None:
+    """RabbitMQ, prefork, ``acks_late`` and ``reject_on_worker_lost``: the body commits, its
+    child exits before the ack, the message comes again, and its run is skipped."""
+    with service_worker(
+        database_url, module=ONCE_APP, pool="prefork", concurrency=1, broker="amqp"
+    ) as worker:
+        key = uuid.uuid4().hex
+        result = worker.send(once_app.commit_then_die, key)
+        log = worker.wait_for_log("skipped: its key")
+        assert f"skipped: its key {result.id!r} was run already by {result.id}" in log
+        assert "WorkerLostError" in log or "exited prematurely" in log, log[-3000:]
+        assert len(notes_by(database_url, key)) == 1
+
+
+@pytest.mark.services
+def test_serializable_transfers_are_exact_and_deadlocks_complete(
+    database_url: str, through: dict[str, Any]
+) -> None:
+    names = open_accounts(database_url, 1000, 4)
+    with once_worker(database_url, through, pool="threads", concurrency=8) as worker:
+        sent = [
+            worker.send(once_app.transfer, names[i % 4], names[(i + 1) % 4], i + 1)
+            for i in range(20)
+        ]
+        attempts = [result.get(timeout=60) for result in sent]
+        # Each transfer i moves i + 1 from account i % 4 to the next.
+        expected = [1000] * 4
+        for i in range(20):
+            expected[i % 4] -= i + 1
+            expected[(i + 1) % 4] += i + 1
+        assert accounts(database_url, *names) == expected
+        assert max(attempts) > 1, attempts  # some ran again after a serialization failure
+
+        first, second = open_accounts(database_url, 0, 2)
+        both = [
+            worker.send(once_app.lock_both, first, second, 0.5),
+            worker.send(once_app.lock_both, second, first, 0.5),
+        ]
+        tries = sorted(result.get(timeout=60) for result in both)
+        assert tries == [1, 2]  # PostgreSQL aborted one (40P01); it ran again
+        assert accounts(database_url, first, second) == [2, 2]
+        stats = runtime_stats(worker.worker.app, worker)
+        assert stats["conflict_reruns"] >= sum(attempts) - 20 + 1
+        assert "deadlock (SQLSTATE 40P01)" in worker.worker.log

@@ -12,9 +12,14 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from async_session_task import AsyncSessionTask
+from async_session_task import AsyncSessionTask, pgbouncer_engine_options
 from tests.apps.models import Account, Note
 from tests.apps.pg_app import app
+
+if os.environ.get("AST_PGBOUNCER") == "1":  # through PgBouncer in transaction pooling mode
+    app.conf.async_session_engine_options = pgbouncer_engine_options(
+        **app.conf.async_session_engine_options
+    )
 
 #: Attempts of each run (by task id) in this process: a re-run calls the body again.
 attempts: Counter[str] = Counter()
@@ -32,7 +37,7 @@ async def charge(self: AsyncSessionTask, key: str, pause: float = 0.0) -> str:
 @app.task(
     bind=True,
     base=AsyncSessionTask,
-    idempotent=lambda key, **_: f"order:{key}",
+    idempotent=lambda key, pause=0.0: f"order:{key}",
     autocommit=True,
 )
 async def charge_per_order(self: AsyncSessionTask, key: str, pause: float = 0.0) -> str:
