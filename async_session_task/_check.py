@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from . import _config, _factory, _ping
+from ._marker import TABLE
 from ._probe import Target, probe
 from ._task import async_session_tasks
 
@@ -66,10 +67,12 @@ def resolve_targets(app: Any) -> tuple[list[Row], list[Target]]:
     return rows, list(targets.values())
 
 
-async def probe_all(app: Any, targets: list[Target]) -> Row:
-    """Probe every engine, then enter and exit the lifespan; the row of the lifespan."""
+async def probe_all(app: Any, targets: list[Target], cleanup: bool = False) -> Row:
+    """Probe every engine (deleting old run markers if ``cleanup``), then enter and exit the
+    lifespan; the row of the lifespan."""
+    retention = _config.runs_retention(app.conf)
     for target in targets:
-        await probe(target)
+        await probe(target, retention, cleanup)
     lifespans: dict[int, Callable[[Any], Any]] = {}
     for task in async_session_tasks(app):
         try:
@@ -133,7 +136,24 @@ def target_rows(target: Target, runs: int) -> list[Row]:
         rows.append(Row(WARN, "pool_pre_ping", f"{detail}; set pool_pre_ping=True"))
     if is_pg:
         rows.append(timeout_row(target))
+    if target.runs is not None:
+        rows.append(runs_row(target))
     return rows
+
+
+def runs_row(target: Target) -> Row:
+    """The table of run markers that the target's idempotent tasks write to."""
+    facts = target.runs
+    assert facts is not None
+    if facts.problem:
+        return Row(ERROR, "runs table", f"{TABLE} {facts.problem} (docs/running-once.md)")
+    size = "" if facts.size_bytes is None else f", {facts.size_bytes // 1024} kB"
+    detail = f"{TABLE}: {facts.rows} marker(s){size}"
+    if target.cleaned is not None:
+        return Row(OK, "runs table", f"{detail}; deleted {target.cleaned} older than retention")
+    if facts.expired:
+        detail += f"; {facts.expired} older than retention: run check --cleanup or cleanup_runs()"
+    return Row(OK, "runs table", detail)
 
 
 def budget_rows(targets: list[Target], processes: int, runs: int) -> list[Row]:
@@ -212,14 +232,17 @@ def timeout_row(target: Target) -> Row:
     return Row(WARN, "statement_timeout", f"{setting}, {name} has a limit of {limit} s: {detail}")
 
 
-def run_check(app: Any, pool: str | None = None, concurrency: int | None = None) -> list[Row]:
-    """The rows of the check of ``app`` for ``-P pool -c concurrency`` (defaults: app.conf)."""
+def run_check(
+    app: Any, pool: str | None = None, concurrency: int | None = None, cleanup: bool = False
+) -> list[Row]:
+    """The rows of the check of ``app`` for ``-P pool -c concurrency`` (defaults: app.conf);
+    with ``cleanup``, run markers older than the retention are deleted first."""
     app.loader.import_default_modules()
     pool = _config.pool_name(pool or app.conf.worker_pool)
     concurrency = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
     processes, runs = _config.processes_and_runs(pool, concurrency)
     rows, targets = resolve_targets(app)
-    lifespan = asyncio.run(probe_all(app, targets))
+    lifespan = asyncio.run(probe_all(app, targets, cleanup))
     for target in targets:
         rows += target_rows(target, runs)
     rows += [*budget_rows(targets, processes, runs), lifespan]
@@ -239,9 +262,14 @@ def async_session() -> None:
 @click.option("-A", "--app", "app_name", help="The app, as for celery -A (else celery's -A).")
 @click.option("-P", "--pool", type=click.Choice(_config.POOLS), help="Default: worker_pool.")
 @click.option("-c", "--concurrency", type=int, help="Default: worker_concurrency, else CPUs.")
+@click.option("--cleanup", is_flag=True, help="Delete run markers older than the retention.")
 @click.pass_context
 def check(
-    ctx: click.Context, app_name: str | None, pool: str | None, concurrency: int | None
+    ctx: click.Context,
+    app_name: str | None,
+    pool: str | None,
+    concurrency: int | None,
+    cleanup: bool,
 ) -> None:
     """Check what a worker of the app would meet: sessions, database, budget, PgBouncer."""
     if app_name is not None:
@@ -250,7 +278,7 @@ def check(
         app = ctx.obj.app
     else:
         raise click.UsageError("give the app: -A proj (or celery -A proj async-session check)")
-    rows = run_check(app, pool, concurrency)
+    rows = run_check(app, pool, concurrency, cleanup)
     for row in rows:
         click.echo(f"{row.status:<5}  {row.check:<18}  {row.detail}")
     errors = sum(row.status == ERROR for row in rows)

@@ -9,6 +9,7 @@ shows a database password.
 
 from __future__ import annotations
 
+import datetime
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ DEFAULT_STALL_THRESHOLD = 1.0
 #: before a run gets it, so a database restart or failover costs no run that starts after
 #: it (docs/internals.md#dead-pooled-connections).
 ENGINE_DEFAULTS: Mapping[str, Any] = {"pool_pre_ping": True}
+
+#: Idempotent runs' markers older than this are deleted by ``check --cleanup`` (app.conf).
+RUNS_RETENTION = "async_session_runs_retention"
+DEFAULT_RUNS_RETENTION = datetime.timedelta(days=7)
 
 #: A callable taking the Celery app and returning an async context manager, entered once per
 #: process on its loop (a task's class attribute or option, else ``app.conf``).
@@ -235,6 +240,12 @@ def pool_enforces_limits(pool: str, main_process: bool) -> bool:
     """Whether the pool enforces both time limits itself: a prefork child (SIGUSR1, then
     SIGKILL from the parent)."""
     return pool == "prefork" and not main_process
+
+
+def runs_retention(conf: Any) -> datetime.timedelta:
+    """``async_session_runs_retention`` as a ``timedelta`` (a number is seconds)."""
+    value = conf.get(RUNS_RETENTION) or DEFAULT_RUNS_RETENTION
+    return value if isinstance(value, datetime.timedelta) else datetime.timedelta(seconds=value)
 
 
 def stall_threshold(conf: Any) -> float:

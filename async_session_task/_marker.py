@@ -21,12 +21,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from ._config import DEFAULT_RUNS_RETENTION
+
 #: The table's name, in the schema the connection's ``search_path`` selects.
 TABLE = "async_session_runs"
 #: The longest key: a ``String(255)`` column, as most schemas size their keys.
 KEY_LENGTH = 255
-#: Markers younger than this are kept (the setting ``async_session_runs_retention``).
-DEFAULT_RETENTION = datetime.timedelta(days=7)
 #: Markers deleted per statement by :func:`cleanup_runs`: short transactions, short locks.
 _CLEANUP_BATCH = 10_000
 
@@ -107,7 +107,7 @@ async def claim(session: AsyncSession, key: str, task_name: str, task_id: str) -
 
 
 async def cleanup_runs(
-    bind: AsyncEngine | AsyncConnection, *, older_than: datetime.timedelta = DEFAULT_RETENTION
+    bind: AsyncEngine | AsyncConnection, *, older_than: datetime.timedelta = DEFAULT_RUNS_RETENTION
 ) -> int:
     """Delete the markers written more than ``older_than`` ago, in batches of 10,000 each in
     its own transaction; return how many were deleted.

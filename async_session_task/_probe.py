@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _config
+from ._marker import TableFacts, cleanup_runs, table_facts
 
 #: What PostgreSQL says of itself in one round trip, in the order of :class:`ServerFacts`.
 _SERVER_FACTS = text(
@@ -60,10 +61,20 @@ class Target:
     facts: ServerFacts = field(default_factory=lambda: ServerFacts(""))  # before the probe
     bouncer: str | None = None  # PgBouncer's version; "" when the server said none; None: unknown
     bouncer_answer: str = ""
+    #: The run markers' table, when a task of this engine is idempotent.
+    runs: TableFacts | None = None
+    #: Markers the probe deleted (``check --cleanup``); None: it deleted none.
+    cleaned: int | None = None
 
 
-async def probe(target: Target) -> None:
-    """Connect with the configured driver; ask the server (and a PgBouncer) about itself."""
+async def probe(
+    target: Target,
+    retention: datetime.timedelta = _config.DEFAULT_RUNS_RETENTION,
+    cleanup: bool = False,
+) -> None:
+    """Connect with the configured driver; ask the server (and a PgBouncer) about itself,
+    and about the run markers' table if a task needs it (first deleting the markers older
+    than ``retention`` if ``cleanup``)."""
     engine = target.engine
     started = time.perf_counter()
     try:
@@ -74,6 +85,11 @@ async def probe(target: Target) -> None:
             else:
                 version = ".".join(map(str, engine.dialect.server_version_info or ()))
                 target.facts = ServerFacts(version)
+            if any(getattr(task._once, "idempotent", False) for task in target.tasks):
+                target.runs = await table_facts(conn, retention)
+                await conn.rollback()
+                if cleanup and not target.runs.problem:
+                    target.cleaned = await cleanup_runs(conn, older_than=retention)
     except Exception as exc:  # any driver's failure to connect is this row's finding
         # The driver's own error, not SQLAlchemy's wrappers of it.
         cause = getattr(exc, "orig", None) or exc

@@ -4,8 +4,10 @@ commands against the test database, a refused port and a private PgBouncer."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from async_session_task import _config
 from tests.faults.services import PrivatePgBouncer, PrivatePostgres, missing, pgbouncer_missing
-from tests.helpers import unavailable
+from tests.helpers import pg_query, unavailable
 
 pytestmark = pytest.mark.services
 
@@ -240,3 +242,34 @@ def test_the_lifespan_enters_and_exits(database_url: str, lifespan: str, expecte
     found = line(lines, expected)
     if lifespan == "failing_lifespan":
         assert "ConnectionError: check_app: the lifespan's service is down" in found
+
+
+def test_the_runs_table_of_idempotent_tasks(database_url: str) -> None:
+    """Reported with its size; old markers counted, then deleted by ``--cleanup``."""
+    old = uuid.uuid4().hex
+    pg_query(
+        database_url,
+        "insert into async_session_runs values (%s, 'check.once', %s, now() - interval '8 days')"
+        " returning key",
+        old,
+        old,
+    )
+    code, lines = check(database_url, AST_CHECK_IDEMPOTENT="1")
+    assert code == 0, "\n".join(lines)
+    found = line(lines, "OK     runs table ")
+    assert re.search(r"async_session_runs: \d+ marker\(s\), \d+ kB; [1-9]\d* older than", found)
+    code, lines = check(database_url, "--cleanup", AST_CHECK_IDEMPOTENT="1")
+    assert code == 0, "\n".join(lines)
+    assert re.search(r"deleted [1-9]\d* older than retention", line(lines, "OK     runs table "))
+    assert pg_query(database_url, "select key from async_session_runs where key = %s", old) == []
+
+
+def test_a_missing_runs_table(database_url: str) -> None:
+    elsewhere = make_url(database_url).set(database="postgres").render_as_string(False)
+    code, lines = check(elsewhere, AST_CHECK_IDEMPOTENT="1")
+    assert code == 1
+    assert "async_session_runs missing: add runs_table(Base.metadata)" in line(
+        lines, "ERROR  runs table "
+    )
+    code, lines = check(elsewhere)  # no idempotent task: no such row
+    assert not [text for text in lines if "runs table" in text]

@@ -3,7 +3,8 @@
 ``AST_CHECK_URL`` and ``AST_CHECK_ENGINE_OPTIONS`` (JSON) set its database;
 ``AST_CHECK_PGBOUNCER=1`` adds the statement-cache options of transaction pooling, and
 ``AST_CHECK_LIFESPAN`` names a lifespan below. ``AST_CHECK_SECOND_URL`` adds a second task,
-``check.second``, with a URL of its own (and the same engine options).
+``check.second``, with a URL of its own (and the same engine options);
+``AST_CHECK_IDEMPOTENT=1`` an idempotent task, ``check.once``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ if second_url := os.environ.get("AST_CHECK_SECOND_URL"):
     )
     async def second(self: AsyncSessionTask) -> Any:
         return await self.session.scalar(text("select 2"))
+
+
+if os.environ.get("AST_CHECK_IDEMPOTENT") == "1":
+
+    @app.task(bind=True, base=AsyncSessionTask, name="check.once", idempotent=True)
+    async def once(self: AsyncSessionTask) -> Any:
+        return await self.session.scalar(text("select 3"))
 
 
 @contextlib.asynccontextmanager
