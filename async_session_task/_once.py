@@ -26,9 +26,14 @@ logger = logging.getLogger("async_session_task")
 
 #: The isolation levels a task may ask for (SQLAlchemy's names; PostgreSQL's and SQLite's).
 ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE", "READ UNCOMMITTED")
-#: SQLSTATEs after which a transaction is simply run again: serialization_failure and
-#: deadlock_detected (PostgreSQL, "Serialization Failure Handling").
-CONFLICTS = {"40001": "serialization failure", "40P01": "deadlock"}
+#: Errors after which a transaction is simply run again: PostgreSQL's serialization_failure
+#: and deadlock_detected SQLSTATEs ("Serialization Failure Handling"), and SQLite's
+#: SQLITE_BUSY, which a writer meets when another holds the database's write lock.
+CONFLICTS = {
+    "40001": "serialization failure",
+    "40P01": "deadlock",
+    "SQLITE_BUSY": "database is locked",
+}
 #: The first re-run waits up to this (seconds, full jitter), doubling per attempt, at most
 #: :data:`BACKOFF_CAP`.
 BACKOFF_BASE = 0.01
@@ -110,13 +115,13 @@ class Once:
     def again(self, exc: BaseException, attempt: int, run: Any) -> float | None:
         """Seconds to wait before running the body again after ``exc`` ended attempt
         ``attempt``; None when it must not run again (``exc`` is then raised, as is)."""
-        state = sqlstate(exc)
+        state = conflict_code(exc)
         if state not in CONFLICTS or attempt > self.retry_on_conflict:
             return None
         delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
         count("reruns")
         logger.info(
-            "%r: %s (SQLSTATE %s) in attempt %d of %d; running the body again in %.3f s",
+            "%r: %s (%s) in attempt %d of %d; running the body again in %.3f s",
             run,
             CONFLICTS[state],
             state,
@@ -155,7 +160,17 @@ def _isolated_engine(engine: Engine, level: str) -> Engine:
     isolated = _isolated.get((id(engine), level))
     if isolated is None:
         isolated = _isolated[id(engine), level] = engine.execution_options(isolation_level=level)
+        if engine.dialect.name == "sqlite":
+            # pysqlite (and aiosqlite over it) begin a transaction only before a write, so
+            # a read-modify-write would read outside it: begin at the first statement, and
+            # take the write lock there (docs/internals.md#sqlite-begin). Only on this
+            # option engine: the user's engine keeps its behaviour.
+            event.listen(isolated, "begin", _begin_immediate)
     return isolated
+
+
+def _begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def one_transaction(session: AsyncSession, run: Any) -> None:
@@ -176,14 +191,19 @@ def one_transaction(session: AsyncSession, run: Any) -> None:
     event.listen(sync, "before_commit", before_commit)
 
 
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error, however wrapped: SQLAlchemy's ``DBAPIError``, its
-    asyncpg adapter's errors (``sqlstate``) and their cause, psycopg's errors."""
+def conflict_code(exc: BaseException) -> str | None:
+    """The SQLSTATE (or SQLite error name) of a database error, however wrapped:
+    SQLAlchemy's ``DBAPIError``, its asyncpg adapter's errors (``sqlstate``) and their cause,
+    psycopg's errors, sqlite3's (``sqlite_errorname``)."""
     seen: BaseException | None = exc
     for _ in range(4):
         if seen is None:
             return None
-        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        state = (
+            getattr(seen, "sqlstate", None)
+            or getattr(seen, "pgcode", None)
+            or getattr(seen, "sqlite_errorname", None)
+        )
         if isinstance(state, str):
             return state
         orig = getattr(seen, "orig", None)

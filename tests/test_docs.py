@@ -50,6 +50,7 @@ EXECUTED = {
     "examples/shop/tasks.py",
     "examples/shop/__main__.py",
     "examples/retrying.py",
+    "examples/running_once.py",
     "examples/time_limits.py",
     "examples/fanout.py",
     "examples/fastapi_orders/db.py",

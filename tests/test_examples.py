@@ -152,6 +152,37 @@ def test_retrying_backs_off_while_the_table_is_locked(variant: Variant) -> None:
     assert rows == [(15,)]
 
 
+def test_running_once_charges_an_order_once_and_transfers_exactly(variant: Variant) -> None:
+    """Three messages for one order: one payment. Ten concurrent transfers under
+    SERIALIZABLE: exact balances (conflicts ran again)."""
+    from examples import running_once
+
+    variant.create_tables(running_once.Base.metadata)
+    order, source, target = (uuid.uuid4().hex[:12] for _ in range(3))
+    engine = create_engine(sync_url(variant.database_url))
+    with engine.begin() as connection:
+        for account in (source, target):
+            connection.execute(text("insert into once_accounts values (:id, 100)"), {"id": account})
+    engine.dispose()
+    name = "examples.running_once"
+    with variant.worker(name) as worker:
+        charges = [variant.send(worker, f"{name}.charge", order, source, 30) for _ in range(3)]
+        balances = [result.get(timeout=WAIT) for result in charges]
+        assert sorted(balances, key=str) == [70, None, None]  # two were skipped
+        sent = [variant.send(worker, f"{name}.transfer", source, target, 1) for _ in range(10)]
+        for result in sent:
+            result.get(timeout=WAIT)
+    assert variant.query("select count(*) from once_payments where order_id = :o", o=order) == [
+        (1,)
+    ]
+    rows = variant.query(
+        "select balance from once_accounts where id in (:s, :t) order by id = :t",
+        s=source,
+        t=target,
+    )
+    assert rows == [(60,), (110,)]
+
+
 @contextlib.contextmanager
 def hold_lock(variant: Variant, sku: str) -> Iterator[None]:
     """Create the stock row, then lock it (SQLite: the whole database) until exit."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -384,4 +385,32 @@ def test_serializable_transfers_are_exact_and_deadlocks_complete(
         assert accounts(database_url, first, second) == [2, 2]
         stats = runtime_stats(worker.worker.app, worker)
         assert stats["conflict_reruns"] >= sum(attempts) - 20 + 1
-        assert "deadlock (SQLSTATE 40P01)" in worker.worker.log
+        assert "deadlock (40P01) in attempt 1" in worker.worker.log
+
+
+def test_sqlite_isolation_begins_at_the_first_statement_on_its_own_engine(tmp_path: Path) -> None:
+    """On SQLite a SERIALIZABLE task takes the write lock (BEGIN IMMEDIATE) at its first read;
+    a task without isolation_level on the same engine keeps the driver's own behaviour."""
+    path = tmp_path / "iso.db"
+    app = make_app(f"sqlite+aiosqlite:///{path}")
+
+    def locked() -> bool:
+        """Whether another connection is refused the write lock right now."""
+        with contextlib.closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as other:
+            try:
+                other.execute("begin immediate")
+            except sqlite3.OperationalError:
+                return True
+            other.execute("rollback")
+            return False
+
+    async def read_then_look() -> bool:
+        await current_session().execute(text("select 1"))
+        return await asyncio.to_thread(locked)
+
+    isolated = app.task(base=AsyncSessionTask, isolation_level="SERIALIZABLE", shared=False)(
+        read_then_look
+    )
+    plain = app.task(base=AsyncSessionTask, shared=False, name="plain")(read_then_look)
+    assert isolated.apply().get() is True
+    assert plain.apply().get() is False
