@@ -72,7 +72,8 @@ async def claim(session: AsyncSession, key: str, task_name: str, task_id: str) -
 
     Returns None when this run holds the key now; else the task id of the run that holds
     it. A run whose transaction is still open holds it too: the INSERT waits on the primary
-    key until that transaction ends (then claims the key if it rolled back).
+    key until that transaction ends (then claims the key if it rolled back;
+    docs/internals.md#on-conflict-waits).
 
     Raises:
         MissingTable: the table is not in the database.

@@ -247,7 +247,8 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
                 done.key, done.holder or "a direct call",
             )  # fmt: skip
             if done.holder == request.id:
-                # A redelivery: Ignore stores no state, so the first run's result stays.
+                # A redelivery: Ignore stores no state, so the first run's result stays
+                # (docs/internals.md#ignore-stores-nothing).
                 raise Ignore() from None
             return None
         finally:

@@ -12,11 +12,14 @@ Celery run, with a new session (docs/running-once.md).
 
 from __future__ import annotations
 
+import datetime
+
 from celery import Celery
 from sqlalchemy import ForeignKey, Integer, String, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from async_session_task import AsyncSessionTask, runs_table
+from async_session_task import AsyncSessionTask, cleanup_runs, current_session, runs_table
 from examples import settings
 
 app = Celery("examples.running_once")
@@ -27,8 +30,10 @@ class Base(DeclarativeBase):
     pass
 
 
+# --8<-- [start:table]
 # The markers' table, created and migrated with the rest of the schema.
 runs_table(Base.metadata)
+# --8<-- [end:table]
 
 
 class Account(Base):
@@ -45,6 +50,7 @@ class Payment(Base):
     amount: Mapped[int] = mapped_column(Integer)
 
 
+# --8<-- [start:charge]
 @app.task(
     bind=True,
     base=AsyncSessionTask,
@@ -61,6 +67,10 @@ async def charge(self: AsyncSessionTask, order_id: str, account_id: str, amount:
     return account.balance
 
 
+# --8<-- [end:charge]
+
+
+# --8<-- [start:transfer]
 @app.task(
     bind=True,
     base=AsyncSessionTask,
@@ -77,3 +87,18 @@ async def transfer(self: AsyncSessionTask, source: str, target: str, amount: int
         raise ValueError(f"{source} has {accounts[source].balance}, less than {amount}")
     accounts[source].balance -= amount
     accounts[target].balance += amount
+
+
+# --8<-- [end:transfer]
+
+
+# --8<-- [start:cleanup]
+@app.task(base=AsyncSessionTask)
+async def cleanup(days: float = 7) -> int:
+    """Run from celery beat: delete the markers older than ``days``; how many went."""
+    engine = current_session().bind
+    assert isinstance(engine, AsyncEngine)
+    return await cleanup_runs(engine, older_than=datetime.timedelta(days=days))
+
+
+# --8<-- [end:cleanup]

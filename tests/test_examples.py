@@ -172,15 +172,19 @@ def test_running_once_charges_an_order_once_and_transfers_exactly(variant: Varia
         sent = [variant.send(worker, f"{name}.transfer", source, target, 1) for _ in range(10)]
         for result in sent:
             result.get(timeout=WAIT)
-    assert variant.query("select count(*) from once_payments where order_id = :o", o=order) == [
-        (1,)
-    ]
+        # The markers stay for the retention; a cleanup with none deletes them all.
+        assert variant.send(worker, f"{name}.cleanup").get(timeout=WAIT) == 0
+        assert variant.send(worker, f"{name}.cleanup", -1).get(timeout=WAIT) >= 1
+        assert variant.send(worker, f"{name}.charge", order, source, 30).get(timeout=WAIT) == 30
+    # Charged twice in all: the order's marker was deleted, and its next message ran.
+    payments = variant.query("select count(*) from once_payments where order_id = :o", o=order)
+    assert payments == [(2,)]
     rows = variant.query(
         "select balance from once_accounts where id in (:s, :t) order by id = :t",
         s=source,
         t=target,
     )
-    assert rows == [(60,), (110,)]
+    assert rows == [(30,), (110,)]
 
 
 @contextlib.contextmanager
