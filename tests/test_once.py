@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import before_task_publish
 from sqlalchemy import MetaData, create_engine, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
@@ -25,7 +27,13 @@ from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.schema import CreateTable
 
-from async_session_task import AsyncSessionTask, cleanup_runs, current_session, runs_table
+from async_session_task import (
+    AsyncSessionTask,
+    cleanup_runs,
+    current_session,
+    on_commit,
+    runs_table,
+)
 from async_session_task._marker import MissingTable
 from benchmarks import _pgbouncer
 from tests.apps import models, once_app
@@ -414,3 +422,75 @@ def test_sqlite_isolation_begins_at_the_first_statement_on_its_own_engine(tmp_pa
     plain = app.task(base=AsyncSessionTask, shared=False, name="plain")(read_then_look)
     assert isolated.apply().get() is True
     assert plain.apply().get() is False
+
+
+class Conflict(Exception):
+    """What a driver raises for a serialization failure, as far as ``retry_on_conflict``
+    looks: an error with that SQLSTATE."""
+
+    sqlstate = "40001"
+
+
+def test_attempts_run_out_with_the_original_error(app: Celery) -> None:
+    calls: list[int] = []
+
+    @app.task(base=AsyncSessionTask, retry_on_conflict=2, shared=False)
+    async def always() -> None:
+        calls.append(1)
+        raise Conflict("could not serialize access")
+
+    result = always.apply()
+    assert isinstance(result.result, Conflict)  # as is, so autoretry_for still applies
+    assert len(calls) == 3
+
+
+def test_a_failed_attempt_drops_what_it_queued_on_commit(app: Celery) -> None:
+    published: list[str] = []
+
+    def record(headers: Any = None, **_: Any) -> None:
+        published.append(headers["id"])
+
+    @app.task(shared=False)
+    def notify(n: int) -> None: ...
+
+    @app.task(bind=True, base=AsyncSessionTask, retry_on_conflict=1, shared=False)
+    async def queue_then_conflict(self: AsyncSessionTask) -> str:
+        result = on_commit(notify.s(len(attempts)), session=self.session)
+        attempts.append(result.id)
+        if len(attempts) == 1:
+            raise Conflict("could not serialize access")
+        await self.session.commit()
+        return str(result.id)
+
+    attempts: list[str] = []
+    before_task_publish.connect(record, weak=False)
+    try:
+        kept = queue_then_conflict.apply().get()
+    finally:
+        before_task_publish.disconnect(record)
+    assert len(attempts) == 2
+    assert published == [kept]
+    assert kept == attempts[1]
+
+
+def test_retry_keeps_the_key_and_runs_again(app: Celery) -> None:
+    @app.task(bind=True, base=AsyncSessionTask, idempotent=True, autocommit=True, shared=False)
+    async def flaky(self: AsyncSessionTask, key: str) -> int:
+        current_session().add(Note(key=key, text=str(self.request.retries)))
+        if self.request.retries == 0:
+            raise self.retry(countdown=0)  # the marker rolls back with the attempt
+        return int(self.request.retries)
+
+    key = uuid.uuid4().hex
+    assert flaky.apply((key,)).get() == 1
+    assert tasks(app)["count"].apply((key,)).get() == ["1"]
+
+
+@pytest.mark.services
+def test_the_soft_time_limit_spans_all_attempts(database_url: str) -> None:
+    with service_worker(database_url, module=ONCE_APP, pool="threads", concurrency=2) as worker:
+        result = worker.send(once_app.conflicts_forever)
+        with pytest.raises(SoftTimeLimitExceeded):
+            result.get(timeout=30)
+        reruns = runtime_stats(worker.worker.app, worker)["conflict_reruns"]
+        assert reruns >= 5  # it ran again and again, within the one limit

@@ -98,3 +98,17 @@ async def commit_twice(self: AsyncSessionTask, key: str) -> Any:
     await self.session.commit()
     self.session.add(Note(key=key, text="second"))
     await self.session.commit()
+
+
+class Conflict(Exception):
+    """A serialization failure, as ``retry_on_conflict`` sees one (its SQLSTATE)."""
+
+    sqlstate = "40001"
+
+
+@app.task(bind=True, base=AsyncSessionTask, retry_on_conflict=10_000, soft_time_limit=1)
+async def conflicts_forever(self: AsyncSessionTask) -> None:
+    """Every attempt fails with a conflict: the soft time limit ends them all."""
+    attempts[self.request.id] += 1
+    await asyncio.sleep(0.05)
+    raise Conflict(f"attempt {attempts[self.request.id]}")
