@@ -3,10 +3,11 @@
 from . import _worker  # noqa: F401  # connects the package's signals and inspect command
 from ._decorator import task
 from ._lifespan import lifespan_state
-from ._marker import cleanup_runs, runs_table
+from ._marker import cleanup_runs
 from ._on_commit import on_commit
 from ._pgbouncer import pgbouncer_engine_options
 from ._run import current_session
+from ._tables import outbox_table, runs_table
 from ._task import AsyncSessionTask
 
 __all__ = [

@@ -25,9 +25,9 @@ from celery.exceptions import ImproperlyConfigured
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
-from . import _config, _factory, _ping
-from ._marker import TABLE
+from . import _config, _factory, _ping, _pools
 from ._probe import Target, probe
+from ._tables import RUNS
 from ._task import async_session_tasks
 
 OK, WARN, ERROR, SKIP = "OK", "WARN", "ERROR", "SKIP"
@@ -146,9 +146,9 @@ def runs_row(target: Target) -> Row:
     facts = target.runs
     assert facts is not None
     if facts.problem:
-        return Row(ERROR, "runs table", f"{TABLE} {facts.problem} (docs/running-once.md)")
+        return Row(ERROR, "runs table", f"{RUNS} {facts.problem} (docs/running-once.md)")
     size = "" if facts.size_bytes is None else f", {facts.size_bytes // 1024} kB"
-    detail = f"{TABLE}: {facts.rows} marker(s){size}"
+    detail = f"{RUNS}: {facts.rows} marker(s){size}"
     if target.cleaned is not None:
         return Row(OK, "runs table", f"{detail}; deleted {target.cleaned} older than retention")
     if facts.expired:
@@ -238,9 +238,9 @@ def run_check(
     """The rows of the check of ``app`` for ``-P pool -c concurrency`` (defaults: app.conf);
     with ``cleanup``, run markers older than the retention are deleted first."""
     app.loader.import_default_modules()
-    pool = _config.pool_name(pool or app.conf.worker_pool)
+    pool = _pools.pool_name(pool or app.conf.worker_pool)
     concurrency = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
-    processes, runs = _config.processes_and_runs(pool, concurrency)
+    processes, runs = _pools.processes_and_runs(pool, concurrency)
     rows, targets = resolve_targets(app)
     lifespan = asyncio.run(probe_all(app, targets, cleanup))
     for target in targets:
@@ -260,7 +260,7 @@ def async_session() -> None:
 
 @async_session.command(cls=CeleryCommand)
 @click.option("-A", "--app", "app_name", help="The app, as for celery -A (else celery's -A).")
-@click.option("-P", "--pool", type=click.Choice(_config.POOLS), help="Default: worker_pool.")
+@click.option("-P", "--pool", type=click.Choice(_pools.POOLS), help="Default: worker_pool.")
 @click.option("-c", "--concurrency", type=int, help="Default: worker_concurrency, else CPUs.")
 @click.option("--cleanup", is_flag=True, help="Delete run markers older than the retention.")
 @click.pass_context

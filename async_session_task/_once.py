@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ._marker import KEY_LENGTH
+from ._tables import KEY_LENGTH
 
 logger = logging.getLogger("async_session_task")
 

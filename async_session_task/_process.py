@@ -1,7 +1,7 @@
 """This process's place in its worker: the pool, and whether it is the worker's main process.
 
 Recorded by ``worker_init`` (``_worker``); read by the runtime to choose where the loop runs,
-and by the worker-start check. The facts about each pool are ``_config``'s.
+and by the worker-start check. The facts about each pool are ``_pools``'.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 
-from . import _config
+from . import _pools
 
 #: The worker of this process tree: its pool's name and the pid of its main process, set
 #: by ``worker_init`` (sent once, in the main process, before prefork children are forked).
@@ -35,6 +35,6 @@ def loop_placement() -> tuple[bool, bool]:
         return False, False
     pool, main = _worker[0], os.getpid() == _worker[1]
     inline = (
-        _config.one_at_a_time(pool, main) and threading.current_thread() is threading.main_thread()
+        _pools.one_at_a_time(pool, main) and threading.current_thread() is threading.main_thread()
     )
-    return inline, _config.pool_enforces_limits(pool, main)
+    return inline, _pools.pool_enforces_limits(pool, main)

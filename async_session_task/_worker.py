@@ -19,7 +19,7 @@ from celery.exceptions import ImproperlyConfigured
 from celery.worker.control import inspect_command
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _config, _factory, _once, _process, _runtime
+from . import _config, _factory, _once, _pools, _process, _runtime
 from ._factory import factories
 from ._lifespan import lifespans
 from ._on_commit import publish_failures
@@ -47,7 +47,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     is recorded here)."""
     pool_cls = getattr(sender, "pool_cls", None)
     name = pool_cls if isinstance(pool_cls, str) else getattr(pool_cls, "__module__", "")
-    _process.set_worker_pool(_config.pool_name(name), os.getpid())
+    _process.set_worker_pool(_pools.pool_name(name), os.getpid())
     app = getattr(sender, "app", None)
     if app is not None:
         check_worker_tasks(app)
@@ -80,7 +80,7 @@ def check_pool_capacity(app: Any, concurrency: int | None) -> None:
     pool = _process.worker_pool()
     if not concurrency or pool is None:
         return
-    _, runs = _config.processes_and_runs(pool, concurrency)
+    _, runs = _pools.processes_and_runs(pool, concurrency)
     warned: set[tuple[Any, ...]] = set()
     for task in async_session_tasks(app):
         try:

@@ -16,7 +16,7 @@ import pytest
 from celery.concurrency import ALIASES
 from sqlalchemy.engine import make_url
 
-from async_session_task import _config
+from async_session_task import _pools
 from tests.faults.services import PrivatePgBouncer, PrivatePostgres, missing, pgbouncer_missing
 from tests.helpers import pg_query, unavailable
 
@@ -188,10 +188,10 @@ def test_processes_is_prefork(database_url: str) -> None:
     assert "3 process(es) x 1 = 3" in line(lines, "OK     connection budget ")
 
 
-@pytest.mark.parametrize("pool", _config.POOLS)
+@pytest.mark.parametrize("pool", _pools.POOLS)
 def test_pool_names_are_celerys(pool: str) -> None:
     """A pool's ``-P`` name and the import path Celery resolves it to name the same pool."""
-    assert _config.pool_name(ALIASES[pool]) == _config.pool_name(pool)
+    assert _pools.pool_name(ALIASES[pool]) == _pools.pool_name(pool)
 
 
 @dataclass

@@ -74,7 +74,9 @@ def test_the_loop_layer_knows_no_runs() -> None:
     modules = _modules()
     # Settings, the process's place in its worker, the time limits, the crossing, the
     # greenlet driver, the waiters, the watchdog.
-    loop_layer = {"_config", "_limits", "_process", "_crossing", "_drive", "_waiters", "_watchdog"}
+    loop_layer = {
+        "_config", "_pools", "_limits", "_process", "_crossing", "_drive", "_waiters", "_watchdog"
+    }  # fmt: skip
     for name in ("_runtime", "_watchdog"):
         seen: set[str] = set()
         todo = [name]
@@ -86,8 +88,9 @@ def test_the_loop_layer_knows_no_runs() -> None:
         assert seen <= loop_layer, (name, seen - loop_layer)
 
 
-def test_settings_are_a_leaf() -> None:
-    assert _package_imports(_modules()["_config"], top_level=True) == set()
+def test_settings_and_pool_facts_are_leaves() -> None:
+    for name in ("_config", "_pools"):
+        assert _package_imports(_modules()[name], top_level=True) == set(), name
 
 
 def test_only_the_celery_face_connects_signals() -> None:
