@@ -16,6 +16,7 @@ __all__ = [
     "current_session",
     "lifespan_state",
     "on_commit",
+    "outbox_table",
     "pgbouncer_engine_options",
     "runs_table",
     "task",

@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import concurrency
 
+from . import _outbox
 from ._run import current_run, current_session, in_worker
 
 logger = logging.getLogger("async_session_task")
@@ -51,7 +52,8 @@ _await: Callable[[Any], Any] = getattr(concurrency, "await_", None) or concurren
 #: of publishing them (the sessions of ``testing.rollback_sessions``, which never commit).
 CAPTURE = "async_session_task.on_commit"
 
-_Queued = tuple[Signature, str]
+#: A queued call: the signature, its task id, whether its row is in the outbox (durable).
+_Queued = tuple[Signature, str, bool]
 
 #: Calls waiting for their transaction, keyed by the transaction (gone with it if it is
 #: dropped without an end event, e.g. a session garbage collected mid-transaction).
@@ -65,7 +67,10 @@ _failures_lock = threading.Lock()
 
 
 def on_commit(
-    signature: Signature, *, session: AsyncSession | Session | None = None
+    signature: Signature,
+    *,
+    session: AsyncSession | Session | None = None,
+    durable: bool | None = None,
 ) -> AsyncResult:
     """Publish ``signature`` once ``session``'s outermost transaction commits.
 
@@ -78,11 +83,15 @@ def on_commit(
 
     Between the COMMIT and the publish there is a window: a publish that fails after the
     broker's retry policy is logged and counted, not raised (see ``docs/on-commit.md``).
+    With ``durable=True`` the message is also written to the outbox table in the same
+    transaction, and a relay delivers it if this process does not (``docs/outbox.md``).
 
     Args:
         signature: what to publish.
         session: an ``AsyncSession`` (or a ``Session``); default: the current run's
             session (:func:`~async_session_task.current_session`).
+        durable: write the message to ``async_session_outbox`` with the transaction;
+            default: the setting ``async_session_outbox`` (False).
 
     Returns:
         The result of the message to come: ``signature.freeze()``, so its id can be stored
@@ -92,6 +101,7 @@ def on_commit(
         RuntimeError: no ``session`` was given outside a task run.
         sqlalchemy.exc.InvalidRequestError: the session has ``autobegin=False`` and no
             transaction in progress.
+        kombu.exceptions.EncodeError: ``durable`` and the signature cannot be serialized.
     """
     if session is None:
         if current_run.get() is None:
@@ -112,7 +122,11 @@ def on_commit(
     while not boundary.nested and boundary.parent is not None:  # a flush's subtransaction
         boundary = boundary.parent
     result: AsyncResult = signature.freeze()
-    _queues.setdefault(boundary, []).append((signature, result.id))
+    if durable is None:
+        durable = bool(signature.app.conf.get(_outbox.DURABLE))
+    if durable:
+        _outbox.stage(sync, signature, result.id)
+    _queues.setdefault(boundary, []).append((signature, result.id, durable))
     return result
 
 
@@ -138,11 +152,11 @@ def _after_commit(session: Session) -> None:
         return
     sink = session.info.get(CAPTURE)
     if sink is not None:
-        sink(queued)
-    elif concurrency.in_greenlet():
-        _await(_hand_off(queued))
-    else:  # a sync Session in sync code: blocking here is what its caller expects
-        _publish(queued)
+        sink([(signature, task_id) for signature, task_id, _ in queued])
+        return
+    # A sync Session in sync code publishes right here: blocking is what its caller expects.
+    published = _await(_hand_off(queued)) if concurrency.in_greenlet() else _publish(queued)
+    _outbox.delete_published(session, (task_id for task_id, durable in published if durable))
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
@@ -151,24 +165,40 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     _queues.pop(transaction, None)
 
 
-async def _hand_off(queued: list[_Queued]) -> None:
+async def _hand_off(queued: list[_Queued]) -> list[tuple[str, bool]]:
     """Publish ``queued`` off the loop and wait for it (cooperatively)."""
     if current_run.get() is not None:
         # A task body: in the worker's thread or greenlet, where its broker connection lives.
-        in_worker(_publish, queued)
-    else:
-        future = _publisher().submit(_publish, queued)
-        await asyncio.wrap_future(future)
+        return in_worker(_publish, queued)
+    future = _publisher().submit(_publish, queued)
+    return await asyncio.wrap_future(future)
 
 
-def _publish(queued: list[_Queued]) -> None:
+def _publish(queued: list[_Queued]) -> list[tuple[str, bool]]:
     """Publish each message, in order; a failure is logged and counted, never raised: the
-    transaction is committed, and the caller must not take it for a failed commit."""
+    transaction is committed, and the caller must not take it for a failed commit. Returns
+    the task ids published, each with whether it is durable.
+
+    A durable message is published without Celery's retries, and not at all for a few
+    seconds after one failed: if the broker is down, its row waits for the relay rather than
+    the caller for the broker."""
     global _failures
-    for signature, task_id in queued:
+    published = []
+    for signature, task_id, durable in queued:
+        if durable and _outbox.paused():
+            _outbox.count("left_to_relay")
+            continue
         try:
-            signature.apply_async()
-        except Exception:
+            if durable:
+                signature.apply_async(retry=False)
+            else:
+                signature.apply_async()
+            published.append((task_id, durable))
+        except Exception as exc:
+            if durable:  # not lost: its row is committed, and the relay will send it
+                _outbox.count("left_to_relay")
+                _outbox.pause(exc)
+                continue
             with _failures_lock:
                 _failures += 1
             logger.exception(
@@ -176,6 +206,7 @@ def _publish(queued: list[_Queued]) -> None:
                 signature.get("task") or type(signature).__name__,
                 task_id,
             )
+    return published
 
 
 _executor: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None

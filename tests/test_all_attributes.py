@@ -36,6 +36,7 @@ def test_the_package_names() -> None:
         "current_session",
         "lifespan_state",
         "on_commit",
+        "outbox_table",
         "pgbouncer_engine_options",
         "runs_table",
         "task",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from async_session_task import runs_table
+from async_session_task import outbox_table, runs_table
 
 
 class Base(DeclarativeBase):
@@ -27,5 +27,7 @@ class Account(Base):
     balance: Mapped[int] = mapped_column(Integer)
 
 
-# The markers of idempotent runs, in the users' own metadata (docs/running-once.md).
+# The tables the library writes to, in the users' own metadata (docs/running-once.md and
+# docs/outbox.md).
 runs = runs_table(Base.metadata)
+outbox = outbox_table(Base.metadata)
