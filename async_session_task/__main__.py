@@ -1,6 +1,6 @@
-"""``python -m async_session_task check -A proj``: the check without the ``celery`` program."""
+"""``python -m async_session_task check -A proj``: the commands without the ``celery`` program."""
 
-from ._check import async_session
+from ._cli import async_session
 
 if __name__ == "__main__":
     async_session(prog_name="python -m async_session_task")

@@ -1,8 +1,6 @@
 """``celery -A proj async-session check``: what a worker of this app would meet, before it does.
 
-Registered in the ``celery.commands`` entry point group, as Flower registers ``celery flower``
-(Celery's CLI adds every command of that group), and reachable as
-``python -m async_session_task check -A proj``. Sessions are resolved by the same code as a
+The command itself is in ``_cli``. Sessions are resolved by the same code as a
 task's first run (:func:`_factory.session_factory`); the probes (``_probe``) run on a
 private event loop (``asyncio.run``: a command, not a worker) that disposes every engine it
 connected; each ``*_rows`` function then reads only what it is given. No line shows a
@@ -18,9 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import click
-from celery.app.utils import find_app
-from celery.bin.base import CeleryCommand
 from celery.exceptions import ImproperlyConfigured
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
@@ -251,36 +246,3 @@ def run_check(
         for row in rows:
             row.detail = row.detail.replace(password, "***")
     return [Row(OK, "worker", f"{app.main or app}: -P {pool} -c {concurrency}"), *rows]
-
-
-@click.group(name="async-session")
-def async_session() -> None:
-    """async_session_task commands."""
-
-
-@async_session.command(cls=CeleryCommand)
-@click.option("-A", "--app", "app_name", help="The app, as for celery -A (else celery's -A).")
-@click.option("-P", "--pool", type=click.Choice(_pools.POOLS), help="Default: worker_pool.")
-@click.option("-c", "--concurrency", type=int, help="Default: worker_concurrency, else CPUs.")
-@click.option("--cleanup", is_flag=True, help="Delete run markers older than the retention.")
-@click.pass_context
-def check(
-    ctx: click.Context,
-    app_name: str | None,
-    pool: str | None,
-    concurrency: int | None,
-    cleanup: bool,
-) -> None:
-    """Check what a worker of the app would meet: sessions, database, budget, PgBouncer."""
-    if app_name is not None:
-        app = find_app(app_name)
-    elif getattr(ctx.obj, "app", None) is not None:
-        app = ctx.obj.app
-    else:
-        raise click.UsageError("give the app: -A proj (or celery -A proj async-session check)")
-    rows = run_check(app, pool, concurrency, cleanup)
-    for row in rows:
-        click.echo(f"{row.status:<5}  {row.check:<18}  {row.detail}")
-    errors = sum(row.status == ERROR for row in rows)
-    click.echo(f"{errors} error(s)" if errors else "no errors")
-    ctx.exit(1 if errors else 0)

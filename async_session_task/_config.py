@@ -46,6 +46,11 @@ DEFAULT_STALL_THRESHOLD = 1.0
 #: it (docs/internals.md#dead-pooled-connections).
 ENGINE_DEFAULTS: Mapping[str, Any] = {"pool_pre_ping": True}
 
+#: ``on_commit`` calls write their message to the outbox unless they say ``durable=False``.
+OUTBOX = "async_session_outbox"
+#: Each worker runs the outbox relay in a thread of its main process (app.conf).
+OUTBOX_RELAY = "async_session_outbox_relay"
+
 #: Idempotent runs' markers older than this are deleted by ``check --cleanup`` (app.conf).
 RUNS_RETENTION = "async_session_runs_retention"
 DEFAULT_RUNS_RETENTION = datetime.timedelta(days=7)

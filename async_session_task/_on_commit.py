@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import concurrency
 
-from . import _outbox
+from . import _config, _outbox
 from ._run import current_run, current_session, in_worker
 
 logger = logging.getLogger("async_session_task")
@@ -123,7 +123,7 @@ def on_commit(
         boundary = boundary.parent
     result: AsyncResult = signature.freeze()
     if durable is None:
-        durable = bool(signature.app.conf.get(_outbox.DURABLE))
+        durable = bool(signature.app.conf.get(_config.OUTBOX))
     if durable:
         _outbox.stage(sync, signature, result.id)
     _queues.setdefault(boundary, []).append((signature, result.id, durable))

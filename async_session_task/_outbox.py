@@ -39,9 +39,6 @@ _loads: Callable[..., Any] = loads
 
 logger = logging.getLogger("async_session_task")
 
-#: The setting that makes ``on_commit`` calls durable unless they say otherwise.
-DURABLE = "async_session_outbox"
-
 #: Seconds the fast path leaves durable messages to the relay once a publish failed: a
 #: refusing broker costs each publish seconds of connection attempts (2 s with Redis on a
 #: refused port, even without retries), which the caller's commit would wait for.

@@ -19,11 +19,12 @@ from celery.exceptions import ImproperlyConfigured
 from celery.worker.control import inspect_command
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _config, _factory, _once, _pools, _process, _runtime
+from . import _config, _factory, _once, _outbox, _pools, _process, _runtime
 from ._factory import factories
 from ._lifespan import lifespans
 from ._on_commit import publish_failures
 from ._registry import runs
+from ._relay import RelayThread
 from ._run import task_factory
 from ._task import AsyncSessionTask, async_session_tasks
 
@@ -102,6 +103,27 @@ def check_pool_capacity(app: Any, concurrency: int | None) -> None:
         )
 
 
+_relay_thread: RelayThread | None = None
+
+
+def start_relay(sender: Any = None, **_: Any) -> None:
+    """``worker_ready`` (the main process, every pool): start the outbox relay if the app
+    asks for it (``async_session_outbox_relay``)."""
+    global _relay_thread
+    app = getattr(sender, "app", None)
+    if app is not None and app.conf.get(_config.OUTBOX_RELAY) and _relay_thread is None:
+        _relay_thread = RelayThread(app)
+        _relay_thread.start()
+
+
+def stop_relay(**_: Any) -> None:
+    """``worker_shutdown``: stop the relay after its batch in progress."""
+    global _relay_thread
+    if _relay_thread is not None:
+        _relay_thread.stop()
+        _relay_thread = None
+
+
 def shutdown(**_: Any) -> None:
     """Close this process's loop, if it started one (its engines are disposed on it)."""
     if _runtime.current() is not None and len(runs):
@@ -117,7 +139,7 @@ def async_session_stats(state: Any, **_: Any) -> dict[str, Any]:
     In a prefork worker the main process never starts a loop; each child has its own, and
     reports leaked sessions in its log when it exits.
     """
-    once = _once.counts()
+    once, outbox = _once.counts(), _outbox.counts()
     return {
         "pid": os.getpid(),
         "loop_running": _runtime.current() is not None,
@@ -128,6 +150,11 @@ def async_session_stats(state: Any, **_: Any) -> dict[str, Any]:
         # skipped because their key had run (docs/running-once.md).
         "conflict_reruns": once["reruns"],
         "skipped_runs": once["skipped"],
+        # Durable messages this process left to the relay, and rows it deleted after
+        # publishing them (docs/outbox.md#monitoring).
+        "outbox_left_to_relay": outbox["left_to_relay"],
+        "outbox_deleted": outbox["deleted"],
+        "outbox_delete_failures": outbox["delete_failures"],
     }
 
 
@@ -135,4 +162,6 @@ signals.worker_init.connect(on_worker_init, weak=False)
 signals.task_postrun.connect(AsyncSessionTask._forget_run, weak=False)
 signals.worker_process_shutdown.connect(shutdown, weak=False)
 signals.worker_shutdown.connect(shutdown, weak=False)
+signals.worker_ready.connect(start_relay, weak=False)
+signals.worker_shutdown.connect(stop_relay, weak=False)
 atexit.register(shutdown)
