@@ -22,7 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from . import _config, _factory, _ping, _pools
 from ._probe import Target, probe
-from ._tables import RUNS
+from ._tables import OUTBOX, RUNS
 from ._task import async_session_tasks
 
 OK, WARN, ERROR, SKIP = "OK", "WARN", "ERROR", "SKIP"
@@ -133,7 +133,29 @@ def target_rows(target: Target, runs: int) -> list[Row]:
         rows.append(timeout_row(target))
     if target.runs is not None:
         rows.append(runs_row(target))
+    if target.outbox is not None:
+        rows.append(outbox_row(target))
     return rows
+
+
+def outbox_row(target: Target) -> Row:
+    """The outbox of durable publishes: an error if the app makes calls durable (or runs
+    the relay) and the table is unusable; its backlog and dead letters."""
+    facts = target.outbox
+    assert facts is not None
+    if facts.problem:
+        conf = target.tasks[0].app.conf if target.tasks else {}
+        used = conf.get(_config.OUTBOX) or conf.get(_config.OUTBOX_RELAY)
+        status = ERROR if used else SKIP
+        return Row(status, "outbox", f"{OUTBOX} {facts.problem} (docs/outbox.md)")
+    detail = f"{OUTBOX}: {facts.pending} pending"
+    if facts.pending:
+        detail += f", the oldest for {facts.oldest_seconds:.0f} s"
+    status = OK
+    if facts.dead:
+        status = WARN
+        detail += f"; {facts.dead} dead letter(s): see docs/outbox.md#dead-letters"
+    return Row(status, "outbox", detail)
 
 
 def runs_row(target: Target) -> Row:

@@ -18,15 +18,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from celery.canvas import Signature
 from kombu.serialization import dumps, loads
-from sqlalchemy import delete
+from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session, registry
 
-from ._tables import outbox
+from ._tables import outbox, table_problem
 
 propagate: Any
 try:  # optional: a relayed message keeps its caller's trace as parent
@@ -172,3 +174,41 @@ def counts() -> dict[str, int]:
     """Rows this process deleted after the fast path published them, and deletes that failed."""
     with _counts_lock:
         return dict(_counts)
+
+
+@dataclass(frozen=True)
+class OutboxFacts:
+    """What the check command found of the outbox; ``problem`` is empty when it is usable."""
+
+    problem: str = ""
+    pending: int = 0
+    oldest_seconds: float = 0.0  # how long the oldest pending row has waited
+    dead: int = 0
+
+
+async def outbox_facts(conn: AsyncConnection) -> OutboxFacts:
+    """The outbox in the database of ``conn``: missing, unusable, or its backlog."""
+    problem = await table_problem(conn, outbox, "outbox_table")
+    if problem:
+        return OutboxFacts(problem)
+    pending = outbox.c.dead_at.is_(None)
+    row = (
+        await conn.execute(
+            select(
+                func.count().filter(pending),
+                func.min(outbox.c.created_at).filter(pending),
+                func.count().filter(outbox.c.dead_at.is_not(None)),
+                func.now() if conn.dialect.name == "postgresql" else func.current_timestamp(),
+            )
+        )
+    ).one()
+    count, oldest, dead, now = row
+    waited = 0.0
+    if oldest is not None:
+        if isinstance(oldest, str):  # SQLite keeps times as text
+            oldest, now = (
+                datetime.datetime.fromisoformat(oldest),
+                datetime.datetime.fromisoformat(now),
+            )
+        waited = max(0.0, (now.replace(tzinfo=None) - oldest.replace(tzinfo=None)).total_seconds())
+    return OutboxFacts(pending=count, oldest_seconds=waited, dead=dead)

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _config
 from ._marker import TableFacts, cleanup_runs, table_facts
+from ._outbox import OutboxFacts, outbox_facts
 
 #: What PostgreSQL says of itself in one round trip, in the order of :class:`ServerFacts`.
 _SERVER_FACTS = text(
@@ -65,6 +66,8 @@ class Target:
     runs: TableFacts | None = None
     #: Markers the probe deleted (``check --cleanup``); None: it deleted none.
     cleaned: int | None = None
+    #: The outbox's backlog and dead letters (PostgreSQL and SQLite).
+    outbox: OutboxFacts | None = None
 
 
 async def probe(
@@ -85,6 +88,9 @@ async def probe(
             else:
                 version = ".".join(map(str, engine.dialect.server_version_info or ()))
                 target.facts = ServerFacts(version)
+            if engine.dialect.name in ("postgresql", "sqlite"):
+                target.outbox = await outbox_facts(conn)
+                await conn.rollback()
             if any(getattr(task._once, "idempotent", False) for task in target.tasks):
                 target.runs = await table_facts(conn, retention)
                 await conn.rollback()

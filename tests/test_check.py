@@ -273,3 +273,38 @@ def test_a_missing_runs_table(database_url: str) -> None:
     )
     code, lines = check(elsewhere)  # no idempotent task: no such row
     assert not [text for text in lines if "runs table" in text]
+
+
+def test_the_outbox_backlog_and_dead_letters(database_url: str) -> None:
+    pending, dead = uuid.uuid4().hex, uuid.uuid4().hex
+    for key, dead_at in ((pending, "null"), (dead, "now()")):
+        pg_query(
+            database_url,
+            "insert into async_session_outbox (id, task_name, content_type, content_encoding,"
+            f" body, created_at, dead_at) values (%s, 't', 'application/json', 'utf-8', 'x',"
+            f" now() - interval '1 hour', {dead_at}) returning id",
+            key,
+        )
+    try:
+        code, lines = check(database_url)
+        assert code == 0, "\n".join(lines)
+        found = line(lines, "WARN   outbox ")
+        assert re.search(r"async_session_outbox: [1-9]\d* pending, the oldest for \d+ s", found)
+        assert re.search(r"; [1-9]\d* dead letter\(s\)", found)
+    finally:
+        pg_query(
+            database_url, "delete from async_session_outbox where id in (%s, %s) returning id",
+            pending, dead,
+        )  # fmt: skip
+
+
+def test_a_missing_outbox_is_an_error_only_where_calls_are_durable(database_url: str) -> None:
+    elsewhere = make_url(database_url).set(database="postgres").render_as_string(False)
+    code, lines = check(elsewhere, AST_CHECK_OUTBOX="1")
+    assert code == 1
+    assert "async_session_outbox missing: add outbox_table(Base.metadata)" in line(
+        lines, "ERROR  outbox "
+    )
+    code, lines = check(elsewhere)
+    assert code == 0, "\n".join(lines)
+    assert line(lines, "SKIP   outbox ")

@@ -4,7 +4,8 @@
 ``AST_CHECK_PGBOUNCER=1`` adds the statement-cache options of transaction pooling, and
 ``AST_CHECK_LIFESPAN`` names a lifespan below. ``AST_CHECK_SECOND_URL`` adds a second task,
 ``check.second``, with a URL of its own (and the same engine options);
-``AST_CHECK_IDEMPOTENT=1`` an idempotent task, ``check.once``.
+``AST_CHECK_IDEMPOTENT=1`` an idempotent task, ``check.once``; ``AST_CHECK_OUTBOX=1`` makes
+``on_commit`` calls durable.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ app.conf.update(
     async_session_engine_options=options,
     async_session_lifespan=os.environ.get("AST_CHECK_LIFESPAN"),
     task_soft_time_limit=float(os.environ.get("AST_CHECK_SOFT_TIME_LIMIT", "0")) or None,
+    async_session_outbox=os.environ.get("AST_CHECK_OUTBOX") == "1",
 )
 
 
