@@ -61,6 +61,9 @@ _queues: weakref.WeakKeyDictionary[SessionTransaction, list[_Queued]] = weakref.
 #: Sessions whose events are listened to: only those that ever queued a call, so a session
 #: that queues nothing runs none of this code.
 _listening: weakref.WeakSet[Session] = weakref.WeakSet()
+#: Task ids of durable messages published after a commit, keyed by the committed
+#: transaction: their rows are deleted once it has ended and released its connection.
+_published: weakref.WeakKeyDictionary[SessionTransaction, list[str]] = weakref.WeakKeyDictionary()
 
 _failures = 0
 _failures_lock = threading.Lock()
@@ -148,7 +151,7 @@ def _after_commit(session: Session) -> None:
         return
     root = session.get_transaction()
     queued = _queues.pop(root, None) if root is not None else None
-    if not queued:
+    if not queued or root is None:
         return
     sink = session.info.get(CAPTURE)
     if sink is not None:
@@ -156,13 +159,18 @@ def _after_commit(session: Session) -> None:
         return
     # A sync Session in sync code publishes right here: blocking is what its caller expects.
     published = _await(_hand_off(queued)) if concurrency.in_greenlet() else _publish(queued)
-    _outbox.delete_published(session, (task_id for task_id, durable in published if durable))
+    durable = [task_id for task_id, is_durable in published if is_durable]
+    if durable:
+        _published[root] = durable
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     # Still queued at the end: this transaction was not committed (after_commit took the
     # queue of one that was).
     _queues.pop(transaction, None)
+    published = _published.pop(transaction, None)
+    if published:  # its connection is back in the pool now (SessionTransaction.close)
+        _outbox.delete_published(session, published)
 
 
 async def _hand_off(queued: list[_Queued]) -> list[tuple[str, bool]]:

@@ -17,7 +17,7 @@ import importlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,27 +142,33 @@ def pause(exc: BaseException) -> None:
     )
 
 
-def delete_published(session: Session, task_ids: Iterable[str]) -> None:
-    """Delete the rows of messages the fast path published, in a transaction of their own on
-    the session's engine. A failure is logged and counted: the relay publishes those
-    messages again (a duplicate, which idempotent runs absorb)."""
-    ids = list(task_ids)
-    if not ids:
-        return
+def delete_published(session: Session, task_ids: list[str]) -> None:
+    """Delete the rows of messages the fast path published, in one short transaction of their
+    own. Called once the committed transaction has ended (``after_transaction_end``), so its
+    connection is back in the pool: concurrent commits never hold one connection while they
+    wait for a second from a full pool. A failure is logged and counted: the relay sends
+    those messages again (a duplicate, which idempotent runs absorb)."""
+    bind = session.get_bind(Message)
+    _delete(bind if isinstance(bind, Engine) else bind.engine, task_ids)
+
+
+def _delete(engine: Engine, ids: list[str]) -> None:
     try:
-        bind = session.get_bind(Message)
-        engine = bind if isinstance(bind, Engine) else bind.engine
         with engine.begin() as connection:
             connection.execute(delete(outbox).where(outbox.c.id.in_(ids)))
     except Exception:
-        count("delete_failures")
-        logger.exception(
-            "on_commit: %d published message(s) stay in %s; the relay will send them again",
-            len(ids),
-            outbox.name,
-        )
+        _delete_failed(len(ids))
     else:
         count("deleted", len(ids))
+
+
+def _delete_failed(n: int) -> None:
+    count("delete_failures")
+    logger.exception(
+        "on_commit: %d published message(s) stay in %s; the relay will send them again",
+        n,
+        outbox.name,
+    )
 
 
 def count(what: str, n: int = 1) -> None:

@@ -169,13 +169,14 @@ def service_worker(
     args: tuple[str, ...] = (),
     broker: str = "redis",
     connect_args: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> Iterator[ServiceWorker]:
     """A real worker on ``broker`` (a name in :data:`BROKERS`, or a URL) and the PostgreSQL
     database ``database_url``; ``connect_args`` add to asyncpg's (the tag is always there)."""
     if broker == "amqp":
         require("RabbitMQ", SERVICES_OPTIONAL["RabbitMQ"])
         app = client_app(BROKERS[broker])
-    name = uuid.uuid4().hex[:12]
+    name = name or uuid.uuid4().hex[:12]
     application_name = f"ast-{name}"
     options = {
         "connect_args": {

@@ -18,7 +18,12 @@ from sqlalchemy import Integer, String, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from async_session_task import AsyncSessionTask, current_session
+from async_session_task import (
+    AsyncSessionTask,
+    current_session,
+    outbox_table,
+    pgbouncer_engine_options,
+)
 
 
 class Base(DeclarativeBase):
@@ -32,11 +37,17 @@ class Entry(Base):
     text: Mapped[str] = mapped_column(String(200))
 
 
+# Durable publishes (tests/faults/test_outbox.py) write to it.
+outbox_table(Base.metadata)
+
 _broker = os.environ.get("AST_BROKER_URL", "redis://127.0.0.1:6379/0")
+_engine_options = json.loads(os.environ.get("AST_ENGINE_OPTIONS", "{}"))
+if os.environ.get("AST_PGBOUNCER") == "1":  # through PgBouncer in transaction pooling mode
+    _engine_options = pgbouncer_engine_options(**_engine_options)
 app = Celery("fault_app", broker=_broker, backend=os.environ.get("AST_RESULT_BACKEND", _broker))
 app.conf.update(
     async_session_url=os.environ.get("AST_DATABASE_URL"),
-    async_session_engine_options=json.loads(os.environ.get("AST_ENGINE_OPTIONS", "{}")),
+    async_session_engine_options=_engine_options,
     async_session_stall_threshold=float(os.environ.get("AST_STALL_THRESHOLD", "1.0")),
     result_expires=600,
     broker_connection_retry_on_startup=True,
@@ -107,3 +118,9 @@ async def stall(self: AsyncSessionTask, seconds: float) -> int:
     """Blocks the event loop: a sync sleep inside an async body."""
     time.sleep(seconds)  # noqa: ASYNC251  # the mistake under test
     return os.getpid()
+
+
+@app.task(bind=True, base=AsyncSessionTask, shared=False, autocommit=True)
+async def record(self: AsyncSessionTask, key: str) -> None:
+    """Writes its task id under ``key``: the tests count runs per task id."""
+    self.session.add(Entry(key=key, text=self.request.id))
