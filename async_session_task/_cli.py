@@ -59,16 +59,23 @@ def check(
 @click.option("-A", "--app", "app_name", help="The app, as for celery -A (else celery's -A).")
 @click.option("--once", is_flag=True, help="Deliver what is due, then exit.")
 @click.option("--batch", type=click.IntRange(1), default=Options.batch, show_default=True)
-@click.option("--grace", type=click.FloatRange(0), default=Options.grace, show_default=True)
+@click.option(
+    "--grace", type=click.FloatRange(0), help="Default: async_session_outbox_grace, else 10."
+)
 @click.option("--poll", type=click.FloatRange(0.01), default=Options.poll, show_default=True)
 @click.pass_context
 def relay(
-    ctx: click.Context, app_name: str | None, once: bool, batch: int, grace: float, poll: float
+    ctx: click.Context,
+    app_name: str | None,
+    once: bool,
+    batch: int,
+    grace: float | None,
+    poll: float,
 ) -> None:
     """Deliver the outbox's messages that were not published after their commit."""
     app = _app(ctx, app_name, "relay")
     app.loader.import_default_modules()
-    options = Options(batch=batch, grace=grace, poll=poll)
+    options = Options.of(app, batch=batch, grace=grace, poll=poll)
 
     async def main() -> int:
         if once:

@@ -50,6 +50,8 @@ ENGINE_DEFAULTS: Mapping[str, Any] = {"pool_pre_ping": True}
 OUTBOX = "async_session_outbox"
 #: Each worker runs the outbox relay in a thread of its main process (app.conf).
 OUTBOX_RELAY = "async_session_outbox_relay"
+#: Seconds the relay leaves a new outbox row to the fast path (app.conf; the relay's default).
+OUTBOX_GRACE = "async_session_outbox_grace"
 
 #: Idempotent runs' markers older than this are deleted by ``check --cleanup`` (app.conf).
 RUNS_RETENTION = "async_session_runs_retention"

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _config, _factory
 from ._outbox import restore
-from ._tables import outbox, server_time
+from ._tables import missing_table_hint, outbox, server_time
 from ._task import async_session_tasks
 
 logger = logging.getLogger("async_session_task")
@@ -57,6 +57,16 @@ class Options:
     dead_after: int = 10  # attempts before a failing row becomes a dead letter
     poll: float = 1.0  # seconds between looks at an empty table
     backoff_cap: float = 30.0  # the longest wait after a refusing broker
+
+    @classmethod
+    def of(cls, app: Any, **given: Any) -> Options:
+        """The defaults, with ``async_session_outbox_grace`` from ``app.conf``, then ``given``
+        (what is None there is not given)."""
+        options = {name: value for name, value in given.items() if value is not None}
+        grace = app.conf.get(_config.OUTBOX_GRACE)
+        if grace is not None:
+            options.setdefault("grace", float(grace))
+        return cls(**options)
 
 
 @dataclasses.dataclass
@@ -91,8 +101,12 @@ class Relay:
         while not stop.is_set():
             try:
                 outcome = await self.run_once()
-            except Exception:
-                logger.exception("relay: the outbox of %s could not be read", self._where())
+            except Exception as exc:
+                hint = missing_table_hint(exc, outbox, "outbox_table")
+                if hint is not None:  # until a migration adds it
+                    logger.error("relay: %s (%s; docs/outbox.md#the-table)", hint, self._where())
+                else:
+                    logger.exception("relay: the outbox of %s could not be read", self._where())
                 outcome = Outcome(broker_down=True)
             if outcome.broker_down:
                 failures += 1
@@ -313,7 +327,7 @@ class RelayThread(threading.Thread):
     async def _main(self) -> None:
         self._loop, self._stop_event = asyncio.get_running_loop(), asyncio.Event()
         self._started.set()
-        await relay_all(self.app, stop=self._stop_event)
+        await relay_all(self.app, Options.of(self.app), stop=self._stop_event)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._started.wait(timeout)

@@ -51,6 +51,7 @@ EXECUTED = {
     "examples/shop/__main__.py",
     "examples/retrying.py",
     "examples/running_once.py",
+    "examples/outbox.py",
     "examples/time_limits.py",
     "examples/fanout.py",
     "examples/fastapi_orders/db.py",

@@ -187,6 +187,23 @@ def test_running_once_charges_an_order_once_and_transfers_exactly(variant: Varia
     assert rows == [(30,), (110,)]
 
 
+def test_outbox_delivers_an_order_placed_while_the_broker_was_down(variant: Variant) -> None:
+    """One order is published right after its commit; the other, committed while its broker
+    refused, is delivered by the worker's relay: both are processed, once."""
+    with variant.worker("examples.outbox") as worker:
+        report = variant.run_module("examples.outbox", worker)
+        orders = report["placed"] + report["relayed"]
+        query = "select status from outbox_orders where id in ({})".format(
+            ", ".join(str(int(order)) for order in orders)
+        )
+        deadline = time.monotonic() + WAIT
+        while variant.query(query) != [("processed",), ("processed",)]:
+            assert time.monotonic() < deadline, worker.log[-3000:]
+            worker.ping(timeout=0.2)  # the pause between looks, and a sign of life
+        assert variant.query("select count(*) from async_session_outbox") == [(0,)]
+        assert "dead letter" not in worker.log
+
+
 @contextlib.contextmanager
 def hold_lock(variant: Variant, sku: str) -> Iterator[None]:
     """Create the stock row, then lock it (SQLite: the whole database) until exit."""
@@ -337,6 +354,7 @@ def test_no_examples_left_untested() -> None:
         "fastapi_orders",
         "lifespan",
         "running_once",
+        "outbox",
     }
     found = {p.stem for p in (ROOT / "examples").iterdir() if p.stem != "__init__"}
     found.discard("__pycache__")
