@@ -17,7 +17,8 @@ from celery.bin.base import CeleryCommand
 
 from . import _pools
 from ._check import ERROR, run_check
-from ._relay import Options, relay_all
+from ._relay import Options
+from ._relay_service import relay_all
 
 
 @click.group(name="async-session")

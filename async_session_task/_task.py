@@ -183,21 +183,30 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
     def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
         """``delay()``, published when the current run's session commits (``on_commit``).
 
+        The keyword ``durable=True`` is not the body's: it also writes the message to the
+        outbox in that transaction (docs/outbox.md). A type checker knows only the body's
+        parameters here; typed code passes ``durable`` to :meth:`apply_async_on_commit`.
         Celery's name for it on Django; this one returns the result to come.
 
         Raises:
             RuntimeError: outside a task run; use ``on_commit(sig, session=...)`` there.
         """
-        return on_commit(self.s(*args, **kwargs))
+        durable = kwargs.pop("durable", None)
+        if durable is not None and not isinstance(durable, bool):
+            raise TypeError(f"delay_on_commit(durable=...) takes True or False, not {durable!r}")
+        return on_commit(self.s(*args, **kwargs), durable=durable)
 
     def apply_async_on_commit(
         self,
         args: tuple[Any, ...] | list[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
+        *,
+        durable: bool | None = None,
         **options: Any,
     ) -> AsyncResult:
-        """``apply_async()``, published when the current run's session commits."""
-        return on_commit(self.signature(args, kwargs, **options))
+        """``apply_async()``, published when the current run's session commits; ``durable``
+        as for :meth:`delay_on_commit`."""
+        return on_commit(self.signature(args, kwargs, **options), durable=durable)
 
     def update_state(self, *args: Any, **kwargs: Any) -> None:
         """Celery's ``Task.update_state``; from the body, run by the worker's thread."""

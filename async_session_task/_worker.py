@@ -24,7 +24,7 @@ from ._factory import factories
 from ._lifespan import lifespans
 from ._on_commit import publish_failures
 from ._registry import runs
-from ._relay import RelayThread
+from ._relay_service import EmbeddedRelay
 from ._run import task_factory
 from ._task import AsyncSessionTask, async_session_tasks
 
@@ -103,7 +103,7 @@ def check_pool_capacity(app: Any, concurrency: int | None) -> None:
         )
 
 
-_relay_thread: RelayThread | None = None
+_relay_thread: EmbeddedRelay | None = None
 
 
 def start_relay(sender: Any = None, **_: Any) -> None:
@@ -112,7 +112,7 @@ def start_relay(sender: Any = None, **_: Any) -> None:
     global _relay_thread
     app = getattr(sender, "app", None)
     if app is not None and app.conf.get(_config.OUTBOX_RELAY) and _relay_thread is None:
-        _relay_thread = RelayThread(app)
+        _relay_thread = EmbeddedRelay(app)
         _relay_thread.start()
 
 
