@@ -18,7 +18,7 @@ from kombu.exceptions import EncodeError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from async_session_task import on_commit
+from async_session_task import AsyncSessionTask, on_commit
 from async_session_task._relay import Options, Relay
 from tests.apps.models import Note
 from tests.helpers import pg_query
@@ -233,3 +233,23 @@ def test_a_row_that_keeps_failing_becomes_a_dead_letter(
             run(drain(database_url, 1, dead_after=2, backoff_cap=0.0))
     assert rows(database_url, key) == [(key, 2, True)]
     assert caplog.text.count("is a dead letter now") == 1
+
+
+def test_delay_on_commit_durable_in_a_body(database_url: str, published: list[str]) -> None:
+    """In a task body, ``delay_on_commit(..., durable=True)``: published after the run's
+    commit, its row deleted."""
+
+    app = Celery("outbox-body", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.async_session_url = database_url
+    key = uuid.uuid4().hex
+
+    @app.task(base=AsyncSessionTask, shared=False)
+    async def noted(key: str) -> None: ...
+
+    @app.task(bind=True, base=AsyncSessionTask, autocommit=True, shared=False)
+    async def body(self: AsyncSessionTask) -> str:
+        return str(noted.delay_on_commit(key, durable=True).id)
+
+    task_id = body.apply().get()
+    assert task_id in published
+    assert rows(database_url, key) == []
