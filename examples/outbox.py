@@ -27,6 +27,7 @@ from async_session_task import AsyncSessionTask, on_commit, outbox_table, runs_t
 from examples import settings
 
 app = Celery("examples.outbox")
+# --8<-- [start:settings]
 app.conf.update(
     settings.celery_settings(),
     async_session_url=settings.DATABASE_URL,
@@ -35,6 +36,7 @@ app.conf.update(
     # How long a new row is left to the fast path: 10 s by default; short for the demo.
     async_session_outbox_grace=2.0,
 )
+# --8<-- [end:settings]
 
 
 class Base(DeclarativeBase):
