@@ -186,37 +186,41 @@ class Relay:
         return sorted(rows, key=lambda row: row.id)
 
     def _publish(self, rows: Sequence[Any]) -> list[BaseException | None]:
-        """In the publisher thread: publish each row; None, the row's own error, or
-        :data:`_REFUSED` for it and every row after it once the broker refused one."""
+        """In the publisher thread: publish each row, on one producer for the batch; None, the
+        row's own error, or :data:`_REFUSED` for it and every row after it once the broker
+        refused one."""
         results: list[BaseException | None] = []
-        for row in rows:
-            if results and results[-1] is _REFUSED:
-                results.append(_REFUSED)
-                continue
-            try:
-                signature, trace = restore(self.app, row)
-            except Exception as exc:
-                results.append(exc)
-                continue
-            attached = None
-            if otel_context is not None and trace:
-                propagate = importlib.import_module("opentelemetry.propagate")
-                attached = otel_context.attach(propagate.extract(trace))
-            try:
-                signature.apply_async(retry=False)
-            except self._transient as exc:
-                logger.warning(
-                    "relay: the broker refused %s (%s: %s)", row.id, type(exc).__name__, exc
-                )
-                results.append(_REFUSED)
-            except Exception as exc:
-                results.append(exc)
-            else:
-                results.append(None)
-            finally:
-                if attached is not None:
-                    otel_context.detach(attached)
-        return results
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for row in rows:
+                    if results and results[-1] is _REFUSED:
+                        results.append(_REFUSED)
+                        continue
+                    results.append(self._publish_one(row, producer))
+        except self._transient as exc:  # the producer itself could not connect
+            logger.warning("relay: the broker refused (%s: %s)", type(exc).__name__, exc)
+        return results + [_REFUSED] * (len(rows) - len(results))
+
+    def _publish_one(self, row: Any, producer: Any) -> BaseException | None:
+        try:
+            signature, trace = restore(self.app, row)
+        except Exception as exc:
+            return exc
+        attached = None
+        if otel_context is not None and trace:
+            propagate = importlib.import_module("opentelemetry.propagate")
+            attached = otel_context.attach(propagate.extract(trace))
+        try:
+            signature.apply_async(retry=False, producer=producer)
+        except self._transient as exc:
+            logger.warning("relay: the broker refused %s (%s: %s)", row.id, type(exc).__name__, exc)
+            return _REFUSED
+        except Exception as exc:
+            return exc
+        finally:
+            if attached is not None:
+                otel_context.detach(attached)
+        return None
 
     async def _failed(self, conn: Any, token: str, row: Any, error: BaseException) -> int:
         """Count a failed attempt of ``row``: retry it later, or make it a dead letter (1)."""

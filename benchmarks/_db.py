@@ -7,6 +7,9 @@ import os
 from collections.abc import Iterator
 
 import psycopg
+from sqlalchemy import MetaData, create_engine
+
+from async_session_task import outbox_table, runs_table
 
 #: A URL of the server's maintenance database; the bench database is made beside it.
 ADMIN_URL = os.environ.get("AST_BENCH_ADMIN_URL", "postgresql://root@127.0.0.1:5432/postgres")
@@ -33,10 +36,22 @@ def bench_database(rows: int, first_rows: list[int]) -> Iterator[str]:
                     "INSERT INTO bench_counter SELECT generate_series(%s::int, %s::int), 0",
                     (first, first + rows - 1),
                 )
+        # The tables of idempotent runs and durable publishes, as users migrate them.
+        metadata = MetaData()
+        runs_table(metadata)
+        outbox_table(metadata)
+        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+        metadata.create_all(engine)
+        engine.dispose()
         yield url
     finally:
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def execute(url: str, sql: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
 
 
 def reset_counters(url: str) -> None:

@@ -101,6 +101,8 @@ _ALL = [
         pgbouncer=True,
         pools=("prefork",),
     ),
+    # Each run writes its marker in its own transaction (docs/running-once.md).
+    _library("library-idempotent", "async_session_task, idempotent=True", 10, idempotent="1"),
     Implementation("sync", "sync pattern (psycopg 3)", "benchmarks.impl_sync", 20_000_000),
     Implementation("naive", "naive asyncio.run", "benchmarks.impl_naive", 21_000_000),
     Implementation("noop", "no-op (Celery alone)", "benchmarks.impl_noop", None),

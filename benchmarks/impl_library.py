@@ -3,8 +3,9 @@
 Its variants (``benchmarks._variants``) are set by environment variables, read at import:
 ``AST_BENCH_DRIVER`` (``asyncpg``, ``psycopg``), ``AST_BENCH_ENGINE_OPTIONS`` (JSON, given as
 ``async_session_engine_options``), ``AST_BENCH_LOOP`` (``uvloop``), ``AST_BENCH_BODY``
-(``run_sync``: the ORM work as one sync block) and ``AST_BENCH_PGBOUNCER`` (a PgBouncer's
-asyncpg URL: connect through it with ``pgbouncer_engine_options()``).
+(``run_sync``: the ORM work as one sync block), ``AST_BENCH_PGBOUNCER`` (a PgBouncer's
+asyncpg URL: connect through it with ``pgbouncer_engine_options()``) and
+``AST_BENCH_IDEMPOTENT`` (``1``: ``idempotent=True``, a marker per run).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def configure(app: Celery, environ: Mapping[str, str]) -> None:
 app = make_app("bench_library")
 configure(app, os.environ)
 RUN_SYNC = os.environ.get("AST_BENCH_BODY") == "run_sync"
+IDEMPOTENT = os.environ.get("AST_BENCH_IDEMPOTENT") == "1"
 
 
 def change(session: Session, row_id: int) -> int:
@@ -55,7 +57,7 @@ def change(session: Session, row_id: int) -> int:
     return counter.value
 
 
-@app.task(name=TASK_NAME, bind=True, base=AsyncSessionTask)
+@app.task(name=TASK_NAME, bind=True, base=AsyncSessionTask, idempotent=IDEMPOTENT)
 async def work(self: AsyncSessionTask, row_id: int, wait: float) -> int:
     if wait:
         await asyncio.sleep(wait)  # the outside I/O of the IO-bound workload
