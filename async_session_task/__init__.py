@@ -1,6 +1,7 @@
 """Celery tasks with ``async def`` bodies and one SQLAlchemy ``AsyncSession`` per run."""
 
 from . import _worker  # noqa: F401  # connects the package's signals and inspect command
+from ._calling import PublishTimeout, ResultTimeout, aget, apublish
 from ._decorator import task
 from ._lifespan import lifespan_state
 from ._marker import cleanup_runs
@@ -12,6 +13,10 @@ from ._task import AsyncSessionTask
 
 __all__ = [
     "AsyncSessionTask",
+    "PublishTimeout",
+    "ResultTimeout",
+    "aget",
+    "apublish",
     "cleanup_runs",
     "current_session",
     "lifespan_state",

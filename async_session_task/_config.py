@@ -46,6 +46,11 @@ DEFAULT_STALL_THRESHOLD = 1.0
 #: it (docs/internals.md#dead-pooled-connections).
 ENGINE_DEFAULTS: Mapping[str, Any] = {"pool_pre_ping": True}
 
+#: Seconds a message sent from outside a task body may wait to be handed to the broker
+#: (``apublish``, ``adelay``, ``on_commit`` in a web app); app.conf.
+PUBLISH_TIMEOUT = "async_session_publish_timeout"
+DEFAULT_PUBLISH_TIMEOUT = 10.0
+
 #: ``on_commit`` calls write their message to the outbox unless they say ``durable=False``.
 OUTBOX = "async_session_outbox"
 #: Each worker runs the outbox relay in a thread of its main process (app.conf).
@@ -212,6 +217,12 @@ def time_limits(task: Any, request: Any) -> tuple[float | None, float | None]:
     hard, soft = request.timelimit or (None, None)
     task_soft, task_hard = task_time_limits(task)
     return soft or task_soft, hard or task_hard
+
+
+def publish_timeout(conf: Any) -> float:
+    """``async_session_publish_timeout`` in seconds."""
+    configured = conf.get(PUBLISH_TIMEOUT)
+    return DEFAULT_PUBLISH_TIMEOUT if configured is None else float(configured)
 
 
 def runs_retention(conf: Any) -> datetime.timedelta:

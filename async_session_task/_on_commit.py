@@ -18,8 +18,9 @@ Nothing may block the event loop in ``after_commit``, which runs inside SQLAlche
 asyncio dialects await the driver), so ``await session.commit()`` returns once the messages
 have been handed to the broker, while the loop keeps running. In a task body the publish runs
 in the worker's thread or greenlet (``in_worker``, where ``delay()`` from a body publishes);
-elsewhere (a web app) in one publisher thread of this process, so publishes from concurrent
-requests never share Celery's client objects between threads (celery/celery#4670).
+elsewhere (a web app) in this process's publisher threads (``_publisher``), with the deadline
+``async_session_publish_timeout``; the commit waits for its publish shielded from its own
+cancellation, so a COMMIT that succeeded is published (or its loss logged and counted).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import concurrency
 
 from . import _config, _outbox
+from ._publisher import Expired, Job, QueueFull, publisher
 from ._run import current_run, current_session, in_worker
 
 logger = logging.getLogger("async_session_task")
@@ -178,8 +180,52 @@ async def _hand_off(queued: list[_Queued]) -> list[tuple[str, bool]]:
     if current_run.get() is not None:
         # A task body: in the worker's thread or greenlet, where its broker connection lives.
         return in_worker(_publish, queued)
-    future = _publisher().submit(_publish, queued)
-    return await asyncio.wrap_future(future)
+    timeout = _config.publish_timeout(queued[0][0].app.conf)
+    job = Job(time.monotonic() + timeout)
+    try:
+        future = publisher().submit(job, _publish, queued)
+    except QueueFull as exc:
+        _lost(queued, exc)
+        return []
+    # Whatever becomes of the caller, a job that expired before a thread took it is logged
+    # and counted (a started one logs its own failures).
+    future.add_done_callback(lambda done: _expired(queued, done))
+    # Shielded: a commit cancelled after COMMIT (a timeout, a server shutting down) must not
+    # cancel its publish, which asyncio.wrap_future would do. Bounded: the commit waits for
+    # its own deadline, not for the failures of every publish queued before it.
+    try:
+        published: list[tuple[str, bool]] = await asyncio.wait_for(
+            asyncio.shield(asyncio.wrap_future(future)), timeout
+        )
+    except TimeoutError:
+        job.abandon()  # not started: never will be (the callback logs it); started: finishes
+        return []
+    except Expired:
+        return []
+    return published
+
+
+def _expired(queued: list[_Queued], done: concurrent.futures.Future[Any]) -> None:
+    if not done.cancelled() and isinstance(done.exception(), Expired):
+        _lost(queued, done.exception())
+
+
+def _lost(queued: list[_Queued], exc: BaseException | None) -> None:
+    """Count and log the messages of ``queued`` that were never attempted; a durable one's
+    row is still there, for the relay."""
+    global _failures
+    for signature, task_id, durable in queued:
+        if durable:
+            _outbox.count("left_to_relay")
+            continue
+        with _failures_lock:
+            _failures += 1
+        logger.error(
+            "on_commit: %s[%s] was committed but could not be published: %s",
+            signature.get("task") or type(signature).__name__,
+            task_id,
+            exc,
+        )
 
 
 def _publish(queued: list[_Queued]) -> list[tuple[str, bool]]:
@@ -215,22 +261,3 @@ def _publish(queued: list[_Queued]) -> list[tuple[str, bool]]:
                 task_id,
             )
     return published
-
-
-_executor: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
-_executor_lock = threading.Lock()
-
-
-def _publisher() -> concurrent.futures.ThreadPoolExecutor:
-    """This process's publisher thread (a forked child starts its own)."""
-    global _executor
-    current = _executor
-    if current is None or current[0] != os.getpid():
-        with _executor_lock:
-            current = _executor
-            if current is None or current[0] != os.getpid():
-                executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="async_session_task-publish"
-                )
-                current = _executor = (os.getpid(), executor)
-    return current[1]

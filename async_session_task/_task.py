@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import _config
 from ._app_patch import forward_to_worker
+from ._calling import apublish
 from ._drive import await_in_body, in_body
 from ._factory import factories
 from ._lifespan import lifespan_state, lifespans
@@ -35,11 +36,8 @@ logger = logging.getLogger("async_session_task")
 
 
 class _DeferredRetry(Retry):  # type: ignore[misc]  # celery is untyped
-    """``self.retry()`` called on the loop: published by the worker thread once the run ended.
-
-    Publishing there, after the session is closed, keeps the broker connection in the thread
-    (or greenlet) that owns it and lets an eager retry run where blocking is allowed.
-    """
+    """``self.retry()`` called on the loop: published by the worker thread once the run ended
+    and its session closed, where the broker connection lives and an eager retry may block."""
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super().__init__(exc=kwargs.get("exc"))
@@ -184,9 +182,7 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
         """``delay()``, published when the current run's session commits (``on_commit``).
 
         The keyword ``durable=True`` is not the body's: it also writes the message to the
-        outbox in that transaction (docs/outbox.md). A type checker knows only the body's
-        parameters here; typed code passes ``durable`` to :meth:`apply_async_on_commit`.
-        Celery's name for it on Django; this one returns the result to come.
+        outbox (docs/outbox.md); typed code passes it to :meth:`apply_async_on_commit`.
 
         Raises:
             RuntimeError: outside a task run; use ``on_commit(sig, session=...)`` there.
@@ -207,6 +203,23 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
         """``apply_async()``, published when the current run's session commits; ``durable``
         as for :meth:`delay_on_commit`."""
         return on_commit(self.signature(args, kwargs, **options), durable=durable)
+
+    async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+        """``delay()`` from async code, without blocking its loop (:func:`apublish`)."""
+        return await apublish(self.s(*args, **kwargs))
+
+    async def aapply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        publish_timeout: float | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """``apply_async()`` from async code, without blocking its loop (:func:`apublish`)."""
+        return await apublish(
+            self.signature(args, kwargs), publish_timeout=publish_timeout, **options
+        )
 
     def update_state(self, *args: Any, **kwargs: Any) -> None:
         """Celery's ``Task.update_state``; from the body, run by the worker's thread."""

@@ -32,6 +32,10 @@ def test_the_package_names() -> None:
     """The public names the docs describe (docs/api.md)."""
     assert sorted(async_session_task.__all__) == [
         "AsyncSessionTask",
+        "PublishTimeout",
+        "ResultTimeout",
+        "aget",
+        "apublish",
         "cleanup_runs",
         "current_session",
         "lifespan_state",

@@ -48,3 +48,14 @@ def wrong_calls() -> None:
     rename.si("1", "x")  # type: ignore[arg-type]
     retrying(1, 2)  # type: ignore[call-arg]
     retrying.delay("1")  # type: ignore[arg-type]
+
+
+async def correct_async_calls() -> None:
+    await rename.adelay(1, "x")
+    await rename.adelay(book_id=1, title="x")
+    await rename.aapply_async((1, "x"), publish_timeout=2.0, countdown=5)
+
+
+async def wrong_async_calls() -> None:
+    await rename.adelay("1", "x")  # type: ignore[arg-type]
+    await rename.adelay(1)  # type: ignore[call-arg]

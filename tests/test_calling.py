@@ -1,0 +1,170 @@
+"""Calling tasks from async code: ``apublish``/``adelay``/``aapply_async`` and ``aget`` on real
+workers and brokers (Redis, RabbitMQ), a broker at a dead port, and the publisher that serves
+``on_commit`` in a web app (a commit cancelled after COMMIT, concurrent commits while the
+broker is down)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+import pytest
+from celery import Celery, group
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from async_session_task import PublishTimeout, ResultTimeout, aget, apublish, on_commit
+from async_session_task._on_commit import publish_failures
+from tests.apps import oncommit_app as tasks
+from tests.apps import pg_app
+from tests.helpers import StartWorker
+from tests.test_on_commit import held
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
+
+
+async def with_ticker(awaitable: Awaitable[Any]) -> tuple[Any, float]:
+    """Await ``awaitable`` while a ticker runs on the same loop: its result (or exception)
+    and the longest the loop went without ticking (seconds)."""
+    longest, last, running = 0.0, time.monotonic(), True
+
+    async def tick() -> None:
+        nonlocal longest, last
+        while running:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            longest, last = max(longest, now - last), now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        try:
+            return await awaitable, longest
+        except Exception as exc:
+            return exc, longest
+    finally:
+        running = False
+        await ticker
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_adelay_and_aget_round_trip(start_worker: StartWorker, broker: str) -> None:
+    with start_worker(pool="threads", concurrency=4, broker=broker) as worker:
+        queue = worker.queue
+
+        # The task's own app sends through Redis; the worker's client app through its broker.
+        sender = worker.worker.app
+        signature = sender.signature(pg_app.probe.name, args=(0.0,), queue=queue)
+
+        async def main() -> list[Any]:
+            if broker == "redis":
+                sent = await pg_app.probe.aapply_async((0.0,), queue=queue, publish_timeout=5)
+            else:
+                sent = await apublish(signature, publish_timeout=5)
+            both = await apublish(group(signature, signature), publish_timeout=5)
+            return [await aget(sent, timeout=30), await aget(both, timeout=30)]
+
+        (single, pair), longest = asyncio.run(with_ticker(main()))
+        assert single["before"]["id"] == single["after"]["id"]
+        assert [len(result["before"]) for result in pair] == [3, 3]
+        assert longest < 0.3, longest  # the loop kept ticking while it waited
+
+
+def test_aget_raises_as_get_does(start_worker: StartWorker) -> None:
+    with start_worker(pool="threads", concurrency=2) as worker:
+        failing = worker.send(pg_app.outcome, uuid.uuid4().hex, "error")
+        revoked = worker.send(pg_app.probe, 5.0, countdown=1)
+        revoked.revoke()  # the worker holds it until its ETA, then marks it revoked
+
+        async def main() -> list[Any]:
+            found: list[Any] = []
+            for result, timeout in ((failing, 30), (revoked, 30)):
+                try:
+                    await aget(result, timeout=timeout)
+                except Exception as exc:
+                    found.append(exc)
+            found.append(await aget(failing, timeout=30, propagate=False))
+            try:
+                await aget(pg_app.app.AsyncResult(uuid.uuid4().hex), timeout=0.3)
+            except TimeoutError as exc:
+                found.append(exc)
+            return found
+
+        raised, revoked_exc, quiet, timed_out = asyncio.run(main())
+        assert type(raised).__name__ == "ValueError"
+        assert (
+            "revoked" in str(revoked_exc).lower()
+            or type(revoked_exc).__name__ == "TaskRevokedError"
+        )
+        assert type(quiet).__name__ == "ValueError"  # returned, not raised
+        assert isinstance(timed_out, ResultTimeout)
+
+
+def test_a_dead_broker_times_out_within_the_bound() -> None:
+    dead = Celery("dead-calling", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    dead.conf.broker_connection_timeout = 1
+
+    async def main() -> float:
+        started = time.monotonic()
+        with pytest.raises(PublishTimeout):
+            await apublish(dead.signature("dead.task"), publish_timeout=1.0)
+        return time.monotonic() - started
+
+    elapsed, longest = asyncio.run(with_ticker(main()))
+    assert elapsed < 1.5, elapsed
+    assert longest < 0.3, longest
+
+
+def test_a_commit_cancelled_after_commit_still_publishes(database_url: str) -> None:
+    """The publish is slow (0.5 s); the request is cancelled while it waits: the message is
+    published all the same."""
+    key = uuid.uuid4().hex
+    queue = tasks.HOLD_QUEUE
+
+    async def request() -> None:
+        engine = create_async_engine(database_url)
+        try:
+            async with AsyncSession(engine) as session:
+                on_commit(tasks.hold(key, "slow", name=tasks.SLOW), session=session)
+                commit = asyncio.create_task(session.commit())
+                await asyncio.sleep(0.2)  # COMMIT done, the publish in progress
+                commit.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await commit
+            await asyncio.sleep(1.0)  # the publisher thread finishes meanwhile
+        finally:
+            await engine.dispose()
+
+    asyncio.run(request())
+    assert [label for label, _ in held(queue, key)] == ["slow"]
+
+
+def test_concurrent_commits_with_the_broker_down_end_within_their_own_bound(
+    database_url: str,
+) -> None:
+    tasks.dead_app.conf.async_session_publish_timeout = 1.0
+    before = publish_failures()
+
+    async def one(engine: Any) -> float:
+        started = time.monotonic()
+        async with AsyncSession(engine) as session:
+            on_commit(tasks.dead_app.signature(tasks.DEAD, args=("k",)), session=session)
+            await session.commit()
+        return time.monotonic() - started
+
+    async def main() -> list[float]:
+        engine = create_async_engine(database_url, pool_size=10)
+        try:
+            return await asyncio.gather(*(one(engine) for _ in range(8)))
+        finally:
+            await engine.dispose()
+
+    try:
+        durations = asyncio.run(main())
+    finally:
+        tasks.dead_app.conf.async_session_publish_timeout = None
+    assert max(durations) < 1.6, durations  # each its own 1 s bound, not 8 queued failures
+    time.sleep(3)  # the started publishes end, the queued ones are dropped: all counted
+    assert publish_failures() - before == 8
