@@ -302,6 +302,15 @@ async def post_orders(base_url: str, count: int) -> list[dict[str, Any]]:
     return [response.json() for response in responses]
 
 
+async def post_process(base_url: str, ids: list[int]) -> list[dict[str, Any]]:
+    """``POST /orders/{id}/process`` for every id at once."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=WAIT) as client:
+        responses = await asyncio.gather(*(client.post(f"/orders/{i}/process") for i in ids))
+    for response in responses:
+        assert response.status_code == 200, response.text
+    return [response.json() for response in responses]
+
+
 def test_fastapi_orders_worker_finds_every_order(variant: Variant) -> None:
     """Over HTTP, uvicorn serving the app: 20 orders posted at once, each handler queueing its
     task with on_commit; the worker finds every order (get_one() raises otherwise)."""
@@ -317,6 +326,10 @@ def test_fastapi_orders_worker_finds_every_order(variant: Variant) -> None:
         assert [order["status"] for order in orders] == ["received"] * 20
         read = httpx.get(f"{base_url}/orders/{orders[0]['id']}", timeout=WAIT).json()
         assert read["status"] == "processed"
+        # adelay + aget in a handler: the answer comes back over HTTP.
+        again = asyncio.run(post_process(base_url, [order["id"] for order in orders[:10]]))
+        assert [reply["status"] for reply in again] == ["processed"] * 10
+        assert len({reply["task_id"] for reply in again}) == 10
 
 
 @pytest.mark.services

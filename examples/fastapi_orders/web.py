@@ -1,4 +1,5 @@
-"""The FastAPI app: ``POST /orders`` records an order and queues its processing."""
+"""The FastAPI app: ``POST /orders`` records an order and queues its processing;
+``POST /orders/{id}/process`` sends the task again and awaits its result."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from async_session_task import on_commit
+from async_session_task import aget, on_commit
 from examples import settings
 
 from . import db, tasks
@@ -48,6 +49,19 @@ async def create_order(order_in: OrderIn, session: Session) -> OrderOut:
     result = on_commit(tasks.process_order.s(order.id), session=session)
     await session.commit()  # returns once the message is with the broker
     return OrderOut(id=order.id, status=order.status, task_id=result.id)
+
+
+# --8<-- [start:process_now]
+@app.post("/orders/{order_id}/process")
+async def process_now(order_id: int) -> OrderOut:
+    """Process an existing order again and wait for the worker's answer, without blocking
+    the loop that serves the other requests (docs/calling.md)."""
+    result = await tasks.process_order.adelay(order_id)  # once the broker has the message
+    status = await aget(result, timeout=30)
+    return OrderOut(id=order_id, status=status, task_id=result.id)
+
+
+# --8<-- [end:process_now]
 
 
 @app.get("/orders/{order_id}")
