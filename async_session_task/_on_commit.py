@@ -213,19 +213,24 @@ def _expired(queued: list[_Queued], done: concurrent.futures.Future[Any]) -> Non
 def _lost(queued: list[_Queued], exc: BaseException | None) -> None:
     """Count and log the messages of ``queued`` that were never attempted; a durable one's
     row is still there, for the relay."""
-    global _failures
     for signature, task_id, durable in queued:
         if durable:
             _outbox.count("left_to_relay")
-            continue
-        with _failures_lock:
-            _failures += 1
-        logger.error(
-            "on_commit: %s[%s] was committed but could not be published: %s",
-            signature.get("task") or type(signature).__name__,
-            task_id,
-            exc,
-        )
+        else:
+            _failed(signature, task_id, exc)
+
+
+def _failed(signature: Signature, task_id: str, exc: BaseException | None) -> None:
+    """Count and log a message of a committed transaction that was not published."""
+    global _failures
+    with _failures_lock:
+        _failures += 1
+    logger.error(
+        "on_commit: %s[%s] was committed but could not be published",
+        signature.get("task") or type(signature).__name__,
+        task_id,
+        exc_info=exc,
+    )
 
 
 def _publish(queued: list[_Queued]) -> list[tuple[str, bool]]:
@@ -236,7 +241,6 @@ def _publish(queued: list[_Queued]) -> list[tuple[str, bool]]:
     A durable message is published without Celery's retries, and not at all for a few
     seconds after one failed: if the broker is down, its row waits for the relay rather than
     the caller for the broker."""
-    global _failures
     published = []
     for signature, task_id, durable in queued:
         if durable and _outbox.paused():
@@ -253,11 +257,5 @@ def _publish(queued: list[_Queued]) -> list[tuple[str, bool]]:
                 _outbox.count("left_to_relay")
                 _outbox.pause(exc)
                 continue
-            with _failures_lock:
-                _failures += 1
-            logger.exception(
-                "on_commit: %s[%s] was committed but could not be published",
-                signature.get("task") or type(signature).__name__,
-                task_id,
-            )
+            _failed(signature, task_id, exc)
     return published

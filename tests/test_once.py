@@ -46,12 +46,7 @@ from tests.helpers import (
     service_worker,
     unavailable,
 )
-
-
-def make_app(url: str) -> Celery:
-    app = Celery("once", broker="memory://", backend="cache+memory://", set_as_current=False)
-    app.conf.async_session_url = url
-    return app
+from tests.test_eager import make_app
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
