@@ -29,10 +29,12 @@ MINIMUM = ("celery[redis]==5.5.0", "sqlalchemy[asyncio]==2.0.42", "anyio==4.12.0
 
 @nox.session(python=PYTHON, name="tests-min")
 def tests_min(session: nox.Session) -> None:
-    """The core and pool tests on the minimum supported Celery and SQLAlchemy."""
+    """The core, pool, exactly-once, outbox and calling tests on the minimum supported
+    Celery and SQLAlchemy."""
     install_test(session, *MINIMUM)
     session.run("pytest", "-n", "2", "tests/test_eager.py", "tests/test_worker.py",
-                "tests/test_pools.py", *session.posargs)  # fmt: skip
+                "tests/test_pools.py", "tests/test_once.py", "tests/test_outbox.py",
+                "tests/test_calling.py", *session.posargs)  # fmt: skip
 
 
 @nox.session(python=PYTHON)
