@@ -9,11 +9,10 @@ key wait for the first's transaction to end, then see its marker (docs/running-o
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -24,11 +23,21 @@ from ._tables import missing_table_hint, runs, server_time, table_problem
 #: Markers deleted per statement by :func:`cleanup_runs`: short transactions, short locks.
 _CLEANUP_BATCH = 10_000
 _runs = runs
-#: ``INSERT ... ON CONFLICT DO NOTHING ... RETURNING`` is spelled the same by both dialects.
-_INSERTS: dict[str, Callable[[Table], Any]] = {
-    "postgresql": postgresql.insert,
-    "sqlite": sqlite.insert,
+#: ``INSERT ... ON CONFLICT DO NOTHING ... RETURNING``, spelled the same by both dialects;
+#: built once per dialect, with parameters (a run pays for executing it, not for making it).
+_CLAIMS: dict[str, Any] = {
+    name: insert(_runs)
+    .values(
+        key=bindparam("key"),
+        task_name=bindparam("task_name"),
+        task_id=bindparam("task_id"),
+        created_at=func.now(),
+    )
+    .on_conflict_do_nothing(index_elements=["key"])
+    .returning(_runs.c.key)
+    for name, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
 }
+_HOLDER = select(_runs.c.task_id).where(_runs.c.key == bindparam("key"))
 
 
 class MissingTable(RuntimeError):
@@ -48,22 +57,17 @@ async def claim(session: AsyncSession, key: str, task_name: str, task_id: str) -
         NotImplementedError: the database is neither PostgreSQL nor SQLite.
     """
     dialect = session.get_bind().dialect.name
-    insert = _INSERTS.get(dialect)
-    if insert is None:
+    statement = _CLAIMS.get(dialect)
+    if statement is None:
         raise NotImplementedError(
             f"idempotent runs need PostgreSQL or SQLite (INSERT ... ON CONFLICT), not {dialect}"
         )
-    statement = (
-        insert(_runs)
-        .values(key=key, task_name=task_name, task_id=task_id, created_at=func.now())
-        .on_conflict_do_nothing(index_elements=["key"])
-        .returning(_runs.c.key)
-    )
+    values = {"key": key, "task_name": task_name, "task_id": task_id}
     try:
-        if (await session.execute(statement)).first() is not None:
+        if (await session.execute(statement, values)).first() is not None:
             return None
         # The holder committed before us (READ COMMITTED: this statement sees it).
-        holder = await session.scalar(select(_runs.c.task_id).where(_runs.c.key == key))
+        holder = await session.scalar(_HOLDER, {"key": key})
     except DBAPIError as exc:
         hint = missing_table_hint(exc, _runs, "runs_table")
         if hint is not None:

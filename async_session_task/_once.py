@@ -19,6 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from ._tables import KEY_LENGTH
 
@@ -177,18 +178,27 @@ def one_transaction(session: AsyncSession, run: Any) -> None:
     """Make a commit of ``session`` fail unless it commits the transaction in progress now
     (the one holding the run's marker)."""
     sync = session.sync_session
-    marked = sync.get_transaction()
+    sync.info[_MARKED] = (sync.get_transaction(), run)
 
-    def before_commit(committing: Any) -> None:
-        if committing.get_transaction() is not marked:
-            raise InvalidRequestError(
-                f"{run!r} is idempotent: it is one transaction, and its marker was committed "
-                "or rolled back with the first. A second commit() would write outside it, "
-                "and a redelivered run would repeat those writes. Make the run's writes "
-                "before one commit() (or use autocommit=True)."
-            )
 
-    event.listen(sync, "before_commit", before_commit)
+#: ``Session.info`` key: the transaction of an idempotent run's marker, and the run.
+_MARKED = "async_session_task.marked"
+
+
+def _before_commit(session: Session) -> None:
+    # One listener for every Session (a dict lookup for those of other runs), rather than
+    # one listened for per idempotent run's session.
+    marked = session.info.get(_MARKED)
+    if marked is not None and session.get_transaction() is not marked[0]:
+        raise InvalidRequestError(
+            f"{marked[1]!r} is idempotent: it is one transaction, and its marker was "
+            "committed or rolled back with the first. A second commit() would write outside "
+            "it, and a redelivered run would repeat those writes. Make the run's writes "
+            "before one commit() (or use autocommit=True)."
+        )
+
+
+event.listen(Session, "before_commit", _before_commit)
 
 
 def conflict_code(exc: BaseException) -> str | None:
