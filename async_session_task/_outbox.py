@@ -23,7 +23,7 @@ from typing import Any
 
 from celery.canvas import Signature
 from kombu.serialization import dumps, loads
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session, registry
@@ -153,13 +153,24 @@ def delete_published(session: Session, task_ids: list[str]) -> None:
 
 
 def _delete(engine: Engine, ids: list[str]) -> None:
+    # One statement in autocommit: no BEGIN and COMMIT round trips around it.
+    autocommit = _autocommit.get(id(engine))
+    if autocommit is None:
+        # Kept with its engine alive, so the id is not reused while the entry exists.
+        autocommit = _autocommit[id(engine)] = engine.execution_options(
+            isolation_level="AUTOCOMMIT"
+        )
     try:
-        with engine.begin() as connection:
-            connection.execute(delete(outbox).where(outbox.c.id.in_(ids)))
+        with autocommit.connect() as connection:
+            connection.execute(_DELETE, {"ids": ids})
     except Exception:
         _delete_failed(len(ids))
     else:
         count("deleted", len(ids))
+
+
+_autocommit: dict[int, Engine] = {}
+_DELETE = delete(outbox).where(outbox.c.id.in_(bindparam("ids", expanding=True)))
 
 
 def _delete_failed(n: int) -> None:
