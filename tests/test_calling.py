@@ -168,3 +168,33 @@ def test_concurrent_commits_with_the_broker_down_end_within_their_own_bound(
     assert max(durations) < 1.6, durations  # each its own 1 s bound, not 8 queued failures
     time.sleep(3)  # the started publishes end, the queued ones are dropped: all counted
     assert publish_failures() - before == 8
+
+
+def test_cancelled_waiters_stop_polling() -> None:
+    """50 waiters for results that never come, cancelled: nothing keeps asking the backend."""
+    backend = pg_app.app.backend
+    calls: list[float] = []
+    original = backend.get_task_meta
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(time.monotonic())
+        return original(*args, **kwargs)
+
+    async def main() -> None:
+        waiters = [
+            asyncio.create_task(aget(pg_app.app.AsyncResult(uuid.uuid4().hex))) for _ in range(50)
+        ]
+        await asyncio.sleep(0.3)
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        cancelled_at = time.monotonic()
+        await asyncio.sleep(1.5)  # longer than the longest pause between two looks
+        assert calls, "the waiters never asked"
+        assert max(calls) < cancelled_at + 0.1, "a cancelled waiter kept polling"
+
+    backend.get_task_meta = counted
+    try:
+        asyncio.run(main())
+    finally:
+        del backend.get_task_meta
