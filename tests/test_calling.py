@@ -13,6 +13,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery, group
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
@@ -20,7 +21,7 @@ from async_session_task import PublishTimeout, ResultTimeout, aget, apublish, on
 from async_session_task._on_commit import publish_failures
 from tests.apps import oncommit_app as tasks
 from tests.apps import pg_app
-from tests.helpers import StartWorker
+from tests.helpers import BROKERS, StartWorker
 from tests.test_on_commit import held
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
@@ -198,3 +199,34 @@ def test_cancelled_waiters_stop_polling() -> None:
         asyncio.run(main())
     finally:
         del backend.get_task_meta
+
+
+def test_waiters_share_one_redis_subscriber(start_worker: StartWorker) -> None:
+    """200 waiters in one process: one pub/sub connection holds their 200 channels; each is
+    woken by its result's message, then unsubscribed."""
+    client = redis.Redis.from_url(BROKERS["redis"])
+
+    def subscribed() -> list[int]:
+        return [int(c["sub"]) for c in client.client_list() if int(c.get("sub", 0)) >= 200]
+
+    with start_worker(pool="threads", concurrency=4) as worker:
+        pending = [pg_app.app.AsyncResult(uuid.uuid4().hex) for _ in range(199)]
+
+        async def main() -> tuple[list[int], Any]:
+            waiters = [asyncio.create_task(aget(result, timeout=60)) for result in pending]
+            sent = worker.send(pg_app.probe, 0.5)
+            answer = asyncio.create_task(aget(sent, timeout=60))
+            await asyncio.sleep(0.3)  # every waiter has subscribed
+            during = await asyncio.to_thread(subscribed)
+            value = await answer
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+            return during, value
+
+        during, value = asyncio.run(main())
+    assert during == [200], during  # one connection, 200 channels
+    assert value["before"]["id"] == value["after"]["id"]
+    time.sleep(0.3)
+    assert subscribed() == []  # every channel unsubscribed
+    client.close()

@@ -1,0 +1,200 @@
+"""Waiting for results from async code without blocking its event loop (docs/calling.md).
+
+:func:`aget` reads the result store from a thread, looking again with backoff. With Redis,
+where Celery publishes each stored result on a channel named by its key, one subscriber
+thread per process (:class:`Subscriber`) listens for every waiter of the process on one
+connection and wakes a waiter as its result arrives; the waiter then reads the store. A
+waiter subscribes before it first reads the store, so a result stored in between is not
+missed, and it keeps looking with backoff, so a missed message costs latency, never a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+from celery import states
+from celery.exceptions import TaskRevokedError
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult, GroupResult, ResultSet
+
+#: The first pause between two looks at a pending result, doubled up to :data:`POLL_MAX`.
+POLL_START = 0.02
+POLL_MAX = 1.0
+#: The longest pause between two looks when the subscriber wakes the waiter.
+SUBSCRIBED_POLL_MAX = 5.0
+
+
+class ResultTimeout(CeleryTimeoutError, TimeoutError):  # type: ignore[misc]  # celery is untyped
+    """:func:`aget` waited ``timeout`` seconds: Celery's ``TimeoutError``, and Python's."""
+
+
+class Subscriber(threading.Thread):
+    """One Redis pub/sub connection of this process for one result backend: channels are
+    subscribed while a waiter waits on them; a message wakes their waiters' loops."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(name="async_session_task-results", daemon=True)
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._commands: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiters: dict[bytes, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = (
+            defaultdict(set)
+        )
+
+    def wait_on(
+        self, channel: bytes, loop: asyncio.AbstractEventLoop, event: asyncio.Event
+    ) -> None:
+        with self._lock:
+            first = not self._waiters[channel]
+            self._waiters[channel].add((loop, event))
+        if first:
+            self._commands.put(("subscribe", channel))
+
+    def done(self, channel: bytes, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        with self._lock:
+            waiters = self._waiters.get(channel)
+            if waiters is None:
+                return
+            waiters.discard((loop, event))
+            if waiters:
+                return
+            del self._waiters[channel]
+        self._commands.put(("unsubscribe", channel))
+
+    def run(self) -> None:
+        while True:
+            try:
+                while True:  # the pubsub object is used by this thread only
+                    command, channel = self._commands.get_nowait()
+                    getattr(self._pubsub, command)(channel)
+            except queue.Empty:
+                pass
+            try:
+                message = (
+                    self._pubsub.get_message(timeout=0.05) if self._pubsub.subscribed else None
+                )
+            except Exception:  # a broken connection: redis-py reconnects and resubscribes
+                time.sleep(0.5)
+                continue
+            if not self._pubsub.subscribed:
+                time.sleep(0.05)
+            if message is not None and message.get("type") == "message":
+                with self._lock:
+                    waiters = list(self._waiters.get(message["channel"], ()))
+                for loop, event in waiters:
+                    loop.call_soon_threadsafe(event.set)
+
+
+_subscribers: dict[tuple[int, int], Subscriber] = {}
+_subscribers_lock = threading.Lock()
+
+
+def subscriber(backend: Any) -> Subscriber | None:
+    """The subscriber of this process for ``backend`` if it is Redis's; None otherwise."""
+    client = getattr(backend, "client", None)
+    if type(backend).__name__ not in ("RedisBackend", "SentinelBackend") or client is None:
+        return None
+    key = (os.getpid(), id(backend))  # a forked child starts its own
+    with _subscribers_lock:
+        found = _subscribers.get(key)
+        if found is None:
+            found = _subscribers[key] = Subscriber(client)
+            found.start()
+    return found
+
+
+async def aget(
+    result: AsyncResult | ResultSet,
+    *,
+    timeout: float | None = None,  # noqa: ASYNC109  # as AsyncResult.get(timeout=...)
+    propagate: bool = True,
+    interval: float | None = None,
+) -> Any:
+    """Wait for ``result`` as ``AsyncResult.get()`` does, without blocking the loop: its value
+    (a ``GroupResult``'s: the list of its results).
+
+    Args:
+        timeout: seconds to wait at most (None: no limit).
+        propagate: re-raise the task's exception (and raise for a revoked task).
+        interval: seconds between looks at the result backend (default: from 0.02 s,
+            doubling up to 1 s; with Redis, woken by the result's message, up to 5 s).
+
+    Raises:
+        ResultTimeout: ``timeout`` passed first (a ``TimeoutError`` of Celery and Python).
+        NotImplementedError: the backend is ``rpc://``, which is not a result store.
+        Exception: the task's, with ``propagate``.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if type(result.backend).__name__ == "RPCBackend":
+        raise NotImplementedError(
+            "aget() reads a result store (Redis, a database, ...); the rpc:// backend keeps "
+            "results as messages for the process that sent the task: use result.get() in a "
+            "thread of its own, or a result store"
+        )
+    if isinstance(result, GroupResult | ResultSet):
+        return [
+            await aget(child, timeout=_left(deadline), propagate=propagate, interval=interval)
+            for child in result.results
+        ]
+    listening = subscriber(result.backend)
+    if listening is None:
+        return await _wait(result, deadline, timeout, propagate, interval, None)
+    channel = result.backend.get_key_for_task(result.id)
+    loop, woken = asyncio.get_running_loop(), asyncio.Event()
+    listening.wait_on(channel, loop, woken)
+    try:
+        return await _wait(result, deadline, timeout, propagate, interval, woken)
+    finally:
+        listening.done(channel, loop, woken)
+
+
+async def _wait(
+    result: AsyncResult,
+    deadline: float | None,
+    waited: float | None,
+    propagate: bool,
+    interval: float | None,
+    woken: asyncio.Event | None,
+) -> Any:
+    pause = interval or POLL_START
+    longest = POLL_MAX if woken is None else SUBSCRIBED_POLL_MAX
+    while True:
+        meta = await asyncio.to_thread(result.backend.get_task_meta, result.id, False)
+        state = meta.get("status", states.PENDING)
+        if state in states.READY_STATES:
+            return _value(result, meta, state, propagate)
+        left = _left(deadline)
+        if left is not None and left <= 0:
+            raise ResultTimeout(f"{result.id}: no result within {waited} s (state {state})")
+        wait = pause if left is None else min(pause, left)
+        if woken is None:
+            await asyncio.sleep(wait)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), wait)
+            woken.clear()
+        if interval is None:
+            pause = min(longest, pause * 2)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def _value(result: AsyncResult, meta: dict[str, Any], state: str, propagate: bool) -> Any:
+    value = meta.get("result")
+    if state in states.PROPAGATE_STATES:
+        exc = result.backend.exception_to_python(value)
+        if state == states.REVOKED and not isinstance(exc, BaseException):
+            exc = TaskRevokedError(f"{result.id} was revoked")
+        if propagate:
+            raise exc
+        return exc
+    return value
