@@ -230,3 +230,11 @@ def test_waiters_share_one_redis_subscriber(start_worker: StartWorker) -> None:
     time.sleep(0.3)
     assert subscribed() == []  # every channel unsubscribed
     client.close()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent"])
+def test_sending_from_inside_a_body(start_worker: StartWorker, pool: str) -> None:
+    with start_worker(pool=pool, concurrency=2) as worker:
+        ids = worker.send(pg_app.sends_async, worker.queue).get(timeout=30).split()
+        children = [pg_app.app.AsyncResult(task_id).get(timeout=30) for task_id in ids]
+        assert [len(child["before"]) for child in children] == [3, 3]

@@ -22,7 +22,7 @@ from sqlalchemy import Integer, String, func, select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from async_session_task import AsyncSessionTask, current_session
+from async_session_task import AsyncSessionTask, apublish, current_session
 from tests.apps.models import Base, Note
 
 logger = logging.getLogger(__name__)
@@ -380,3 +380,11 @@ async def hooked(self: AsyncSessionTask, fail: bool) -> str:
     if fail:
         raise ValueError("failed on purpose")
     return "done"
+
+
+@app.task(bind=True, base=AsyncSessionTask)
+async def sends_async(self: AsyncSessionTask, queue: str) -> str:
+    """``adelay`` and ``apublish`` inside a body: sent through the worker, as ``delay()``."""
+    first = await probe.aapply_async((0.0,), queue=queue)
+    second = await apublish(probe.s(0.0).set(queue=queue))
+    return f"{first.id} {second.id}"
