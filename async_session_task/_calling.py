@@ -47,16 +47,16 @@ async def apublish(
     if timeout is None:
         timeout = _config.publish_timeout(signature.app.conf)
     job = Job(time.monotonic() + timeout)
+    loop = asyncio.get_running_loop()
     try:
-        future = publisher().submit(job, signature.apply_async, **options)
+        waiting = publisher().answer_on(loop, job, signature.apply_async, **options)
     except QueueFull as exc:
         raise PublishTimeout(str(exc)) from None
-    waiting = asyncio.wrap_future(future)
     try:
-        return await asyncio.wait_for(asyncio.shield(waiting), timeout)
+        async with asyncio.timeout(timeout):
+            return await waiting
     except TimeoutError:
         started = not job.abandon()
-        waiting.cancel()
         raise PublishTimeout(
             f"{signature.get('task') or type(signature).__name__}: not handed to the broker "
             f"within {timeout} s"

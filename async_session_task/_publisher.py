@@ -13,7 +13,9 @@ child starts its own threads), and Celery's client objects stay in these threads
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
@@ -98,6 +100,50 @@ class Publisher:
         except BaseException:
             self._slots.release()
             raise
+
+    def answer_on(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        job: Job,
+        fn: Callable[..., T],
+        *args: Any,
+        **kwargs: Any,
+    ) -> asyncio.Future[T]:
+        """:meth:`submit`, answered on ``loop``: a future of that loop, resolved from the
+        thread. Cancelling it does not cancel the job (``job.abandon()`` does, before it
+        starts). Cheaper on the loop than ``asyncio.wrap_future`` of :meth:`submit`.
+
+        Raises:
+            QueueFull: too many jobs are waiting already.
+        """
+        waiter: asyncio.Future[T] = loop.create_future()
+
+        def resolve(value: Any, error: BaseException | None) -> None:
+            if waiter.done():  # its caller gave up
+                return
+            if error is None:
+                waiter.set_result(value)
+            else:
+                waiter.set_exception(error)
+
+        def answer(value: Any, error: BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(resolve, value, error)
+
+        def call() -> None:
+            try:
+                value = fn(*args, **kwargs)
+            except BaseException as exc:
+                answer(None, exc)
+            else:
+                answer(value, None)
+
+        future = self.submit(job, call)
+        # What call() does not answer: the job expired before it started.
+        future.add_done_callback(
+            lambda done: answer(None, done.exception()) if done.exception() else None
+        )
+        return waiter
 
 
 _current: tuple[int, Publisher] | None = None
