@@ -93,13 +93,33 @@ _ALL = [
         opts={"pool_pre_ping": False},
     ),
     # Through PgBouncer (transaction pooling) with async_session_task.pgbouncer_engine_options();
-    # prefork only: it answers what a worker pays for the pooler, not how pools differ.
+    # on prefork and threads: what a worker pays for the pooler.
     _library(
         "library-pgbouncer",
         "async_session_task through PgBouncer, pgbouncer_engine_options()",
         9,
         pgbouncer=True,
-        pools=("prefork",),
+        pools=("prefork", "threads"),
+    ),
+    # Candidates for the preset: a small QueuePool to PgBouncer (pre-ping, the library's
+    # default, finds a connection a restarted PgBouncer closed), with uniquely named or
+    # unnamed prepared statements.
+    _library(
+        "library-pgbouncer-pool",
+        "async_session_task through PgBouncer, QueuePool of 3, unique statement names",
+        13,
+        pgbouncer=True,
+        pools=("prefork", "threads"),
+        opts={"pool_size": 3},
+    ),
+    _library(
+        "library-pgbouncer-unnamed",
+        "async_session_task through PgBouncer, QueuePool of 3, unnamed statements",
+        14,
+        pgbouncer=True,
+        pools=("prefork", "threads"),
+        opts={"pool_size": 3},
+        statements="unnamed",
     ),
     Implementation("sync", "sync pattern (psycopg 3)", "benchmarks.impl_sync", 20_000_000),
     Implementation("naive", "naive asyncio.run", "benchmarks.impl_naive", 21_000_000),
@@ -153,4 +173,5 @@ DEFAULTS: dict[str, tuple[str, ...]] = {
     ),
     "io-threads": ("library", "library-nopreping", "library-uvloop", "sync", "naive", "noop"),
     "io-gevent": ("library", "sync", "naive", "noop"),
+    "db-threads": ("library", "library-pgbouncer", "sync"),
 }
