@@ -101,26 +101,6 @@ _ALL = [
         pgbouncer=True,
         pools=("prefork", "threads"),
     ),
-    # Candidates for the preset: a small QueuePool to PgBouncer (pre-ping, the library's
-    # default, finds a connection a restarted PgBouncer closed), with uniquely named or
-    # unnamed prepared statements.
-    _library(
-        "library-pgbouncer-pool",
-        "async_session_task through PgBouncer, QueuePool of 3, unique statement names",
-        13,
-        pgbouncer=True,
-        pools=("prefork", "threads"),
-        opts={"pool_size": 3},
-    ),
-    _library(
-        "library-pgbouncer-unnamed",
-        "async_session_task through PgBouncer, QueuePool of 3, unnamed statements",
-        14,
-        pgbouncer=True,
-        pools=("prefork", "threads"),
-        opts={"pool_size": 3},
-        statements="unnamed",
-    ),
     Implementation("sync", "sync pattern (psycopg 3)", "benchmarks.impl_sync", 20_000_000),
     Implementation("naive", "naive asyncio.run", "benchmarks.impl_naive", 21_000_000),
     Implementation("noop", "no-op (Celery alone)", "benchmarks.impl_noop", None),

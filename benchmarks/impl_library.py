@@ -34,11 +34,6 @@ def configure(app: Celery, environ: Mapping[str, str]) -> None:
     options = json.loads(environ.get("AST_BENCH_ENGINE_OPTIONS") or "{}")
     if bouncer := environ.get("AST_BENCH_PGBOUNCER"):
         app.conf.async_session_url = bouncer
-        if environ.get("AST_BENCH_STATEMENTS") == "unnamed":
-            # str() is "": the unnamed statement, which lives until the next Parse on the
-            # server connection, so no other client can find it there.
-            connect_args = {**options.get("connect_args", {}), "prepared_statement_name_func": str}
-            options["connect_args"] = connect_args
         app.conf.async_session_engine_options = pgbouncer_engine_options(**options)
         return
     app.conf.async_session_url = database_url(environ.get("AST_BENCH_DRIVER", "asyncpg"))
