@@ -10,17 +10,12 @@ asyncpg dialect documents for it ("Prepared Statement Name with PGBouncer") is s
 from __future__ import annotations
 
 from typing import Any
-from uuid import uuid4
-
-from sqlalchemy.pool import NullPool
-
-#: Options of SQLAlchemy's ``QueuePool``: given one of them, the caller sizes a pool of its own.
-_QUEUE_POOL_OPTIONS = frozenset({"pool_size", "max_overflow", "pool_timeout", "pool_use_lifo"})
 
 
 def statement_name() -> str:
-    """A prepared-statement name no other client of the server connection can be using."""
-    return f"__asyncpg_{uuid4()}__"
+    """The empty name: PostgreSQL's unnamed statement, which the next statement's parse on
+    the same server connection replaces, so none outlives its transaction or piles up."""
+    return ""
 
 
 #: asyncpg's ``connect()`` arguments for transaction pooling.
@@ -29,8 +24,8 @@ CONNECT_ARGS: dict[str, Any] = {
     "statement_cache_size": 0,
     # The cache of SQLAlchemy's asyncpg adapter, which prepares each statement itself.
     "prepared_statement_cache_size": 0,
-    # The adapter still prepares (to learn the result columns, MagicStack/asyncpg#837): a
-    # unique name cannot collide with one another client left on the server connection.
+    # The adapter still prepares (to learn the result columns, MagicStack/asyncpg#837), then
+    # runs the statement in the same transaction, so on the same server connection.
     "prepared_statement_name_func": statement_name,
 }
 
@@ -39,21 +34,16 @@ def pgbouncer_engine_options(**options: Any) -> dict[str, Any]:
     """Engine options for ``postgresql+asyncpg`` behind PgBouncer's ``pool_mode = transaction``.
 
     ``app.conf.async_session_engine_options = pgbouncer_engine_options()`` turns off asyncpg's
-    and SQLAlchemy's prepared-statement caches, names each prepared statement uniquely, and
-    uses ``NullPool`` (PgBouncer is the pool; a worker holds a connection only during a run).
+    and SQLAlchemy's prepared-statement caches and has each statement prepared unnamed. The
+    pool stays SQLAlchemy's ``QueuePool`` with ``pool_pre_ping``, as for a direct connection:
+    a worker keeps its client connections to PgBouncer between runs, and a connection a
+    PgBouncer restart closed is replaced before a run uses it.
 
     Args:
         **options: your own engine options, merged over the preset: a key you give wins,
-            ``connect_args`` are merged key by key. Give ``poolclass``, or a ``QueuePool``
-            option (``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_use_lifo``), to
-            keep a pool of client connections to PgBouncer instead of ``NullPool``.
+            ``connect_args`` are merged key by key (``poolclass=NullPool`` to connect per run).
 
     Returns:
         A new dict for ``async_session_engine_options``.
     """
-    merged: dict[str, Any] = {}
-    if "poolclass" not in options and not _QUEUE_POOL_OPTIONS & options.keys():
-        merged["poolclass"] = NullPool
-    merged.update(options)
-    merged["connect_args"] = {**CONNECT_ARGS, **(options.get("connect_args") or {})}
-    return merged
+    return {**options, "connect_args": {**CONNECT_ARGS, **(options.get("connect_args") or {})}}

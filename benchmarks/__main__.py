@@ -169,8 +169,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
 
 
 #: The PgBouncer of the PgBouncer row: transaction pooling, a small server pool, and
-#: DISCARD ALL after every transaction, which the uniquely named statements of
-#: pgbouncer_engine_options() need (docs/internals.md#pgbouncer-prepared-statements).
+#: DISCARD ALL after every transaction, as docs/deployment.md#pgbouncer-in-transaction-mode
+#: describes it.
 PGBOUNCER_SETTINGS = {
     "pool_mode": "transaction",
     "default_pool_size": 4,

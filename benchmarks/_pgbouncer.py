@@ -96,11 +96,17 @@ class PgBouncer:
             f"logfile = {self.root / 'pgbouncer.log'}\npidfile = {self.root / 'pgbouncer.pid'}\n"
             + "".join(f"{name} = {value}\n" for name, value in (settings or {}).items())
         )
-        if prefix := as_postgres():
+        if as_postgres():
             shutil.chown(self.root, "postgres")
+        self.start()
+
+    def start(self) -> None:
+        """Start it on its port; raises RuntimeError (with its log) if it does not listen."""
         binary = shutil.which("pgbouncer", path=_SEARCH_PATH) or "pgbouncer"
         self.process = subprocess.Popen(
-            [*prefix, binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [*as_postgres(), binary, str(self.root / "pgbouncer.ini")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while not reachable(self.port):
@@ -120,10 +126,18 @@ class PgBouncer:
         path = self.root / "pgbouncer.log"
         return path.read_text() if path.exists() else ""
 
-    def destroy(self) -> None:
+    def stop(self) -> None:
+        """Stop it (SIGTERM): every client connection to it is closed."""
         if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(30)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def destroy(self) -> None:
+        self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> PgBouncer:

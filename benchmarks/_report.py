@@ -239,50 +239,49 @@ def _verdict(met: bool | None) -> str:
     return {True: "met", False: "MISSED", None: "not measured"}[met]
 
 
-def _text_table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(row[i])) for row in (header, *body)) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *body)
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
 def _markdown_table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
     return "\n".join(lines)
 
 
-def table(results: dict[str, Any]) -> str:
-    """The terminal report: workloads, bridge, targets."""
-    parts = [_text_table(COLUMNS, rows(results))]
-    if bridge := bridge_rows(results):
-        parts.append(_text_table(BRIDGE_COLUMNS, bridge))
-    if db := bridge_rows(results, "db"):
-        parts.append(_text_table(DB_COLUMNS, db))
-    if gap := gap_rows(results):
-        parts.append(_text_table(GAP_COLUMNS, gap))
-    if switches := switch_rows(results):
-        parts.append(_text_table(SWITCH_COLUMNS, switches))
-    parts.append(
-        _text_table(
+def tables(results: dict[str, Any]) -> list[str]:
+    """Every table that has rows, under its heading: workers, in process, targets."""
+    sections = [
+        ("Workers", COLUMNS, rows(results)),
+        ("Bridge", BRIDGE_COLUMNS, bridge_rows(results)),
+        ("The DB body in one process", DB_COLUMNS, bridge_rows(results, "db")),
+        ("Where the gap goes", GAP_COLUMNS, gap_rows(results)),
+        ("Greenlet switches", SWITCH_COLUMNS, switch_rows(results)),
+        (
+            "Targets",
             ("target", "goal", "measured", "verdict"),
             [
                 (t["name"], t["target"], t["measured"], _verdict(t["met"]))
                 for t in results["targets"]
             ],
-        )
-    )
-    return "\n\n".join(parts)
+        ),
+    ]
+    return [
+        f"### {heading}\n\n"
+        + ("The library with its defaults. Ratios are the median of per-round ratios (both "
+           "batches ran in the same round), with their interquartile range and min-max.\n\n"
+           if heading == "Targets" else "")
+        + _markdown_table(columns, body)
+        for heading, columns, body in sections
+        if body
+    ]  # fmt: skip
+
+
+def table(results: dict[str, Any]) -> str:
+    """The terminal report: the tables of the docs page."""
+    return "\n\n".join(tables(results))
 
 
 def generated_section(results: dict[str, Any]) -> str:
     settings = results["settings"]
     when = results.get("measured_at") or datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
-        BEGIN,
+    intro = (
         f"Measured {when} in {results['duration_s']:.0f} s: {settings['rounds']} rounds of "
         f"{settings['tasks']} tasks per DB batch, {settings.get('io_rounds')} rounds of "
         f"{settings['io_tasks']} per IO-bound batch and of {settings['bridge_calls']} calls "
@@ -290,44 +289,10 @@ def generated_section(results: dict[str, Any]) -> str:
         + ("stopped" if settings.get("paused", True) else "left running (idle)")
         + " while one was measured. Each cell: median [interquartile range] over rounds; "
         "ratios are medians of per-round ratios (both batches in the same round). The machine "
-        "is shared with other test runs: absolute figures are noisy, ratios much less.",
-        "",
-        "### Machine",
-        "",
-        _machine.text(results),
-    ]
-    if workers := rows(results):
-        parts += ["", "### Workers", "", _markdown_table(COLUMNS, workers)]
-    if bridge := bridge_rows(results):
-        parts += [
-            "",
-            "### Bridge",
-            "",
-            _markdown_table(BRIDGE_COLUMNS, bridge),
-        ]
-    if db := bridge_rows(results, "db"):
-        parts += ["", "### The DB body in one process", "", _markdown_table(DB_COLUMNS, db)]
-    if gap := gap_rows(results):
-        parts += ["", "### Where the gap goes", "", _markdown_table(GAP_COLUMNS, gap)]
-    if switches := switch_rows(results):
-        parts += ["", "### Greenlet switches", "", _markdown_table(SWITCH_COLUMNS, switches)]
-    parts += [
-        "",
-        "### Targets",
-        "",
-        "The library with its defaults. Ratios are the median of per-round ratios (both "
-        "batches ran in the same round), with their interquartile range and min-max.",
-        "",
-        _markdown_table(
-            ("target", "goal", "measured", "verdict"),
-            [
-                (t["name"], t["target"], t["measured"], _verdict(t["met"]))
-                for t in results["targets"]
-            ],
-        ),
-        END,
-    ]
-    return "\n".join(parts)
+        "is shared with other test runs: absolute figures are noisy, ratios much less."
+    )
+    machine = "### Machine\n\n" + _machine.text(results)
+    return "\n\n".join([BEGIN + "\n" + intro, machine, *tables(results)]) + "\n" + END
 
 
 def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:

@@ -93,13 +93,13 @@ _ALL = [
         opts={"pool_pre_ping": False},
     ),
     # Through PgBouncer (transaction pooling) with async_session_task.pgbouncer_engine_options();
-    # prefork only: it answers what a worker pays for the pooler, not how pools differ.
+    # on prefork and threads: what a worker pays for the pooler.
     _library(
         "library-pgbouncer",
         "async_session_task through PgBouncer, pgbouncer_engine_options()",
         9,
         pgbouncer=True,
-        pools=("prefork",),
+        pools=("prefork", "threads"),
     ),
     # Each run writes its marker in its own transaction (docs/running-once.md).
     _library("library-idempotent", "async_session_task, idempotent=True", 10, idempotent="1"),
@@ -155,4 +155,5 @@ DEFAULTS: dict[str, tuple[str, ...]] = {
     ),
     "io-threads": ("library", "library-nopreping", "library-uvloop", "sync", "naive", "noop"),
     "io-gevent": ("library", "sync", "naive", "noop"),
+    "db-threads": ("library", "library-pgbouncer", "sync"),
 }

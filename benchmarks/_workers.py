@@ -51,6 +51,7 @@ WORKLOADS = {
         Workload("db-prefork", "DB, prefork -c 2", "prefork", 2, 0.0),
         Workload("io-threads", "IO-bound, threads -c 32", "threads", 32, 0.02),
         Workload("io-gevent", "IO-bound, gevent -c 100", "gevent", 100, 0.02),
+        Workload("db-threads", "DB, threads -c 8", "threads", 8, 0.0),
     )
 }
 

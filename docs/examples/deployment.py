@@ -15,8 +15,8 @@ DIRECT: dict[str, Any] = {
     "connect_args": {"server_settings": {"statement_timeout": "25000"}},  # ms
 }
 
-#: Through PgBouncer in transaction mode: no prepared-statement cache, a unique name for each
-#: prepared statement, NullPool. Your own options merge in: here, connect within 10 s.
+#: Through PgBouncer in transaction mode: no prepared-statement cache, unnamed prepared
+#: statements, a QueuePool with pre-ping. Your own options merge in: here, connect within 10 s.
 #: (PgBouncer refuses most startup parameters: set statement_timeout on the role instead,
 #: ``ALTER ROLE app SET statement_timeout = '25s'``.)
 PGBOUNCER: dict[str, Any] = pgbouncer_engine_options(connect_args={"timeout": 10})

@@ -263,3 +263,28 @@ def test_the_pre_ping_through_pgbouncer_with_a_pool_of_client_connections(
     assert invalidated == []
     assert len(connects) == 3
     assert len(pings) == 200 - 3
+
+
+def test_a_pgbouncer_restart_costs_no_run(pgbouncer: Bouncer) -> None:
+    """Runs before and after a PgBouncer restart, on prefork and threads with the preset:
+    client connections the restart closed are found on checkout and replaced, so every run
+    commits."""
+    base = uuid.uuid4().hex[:8]
+    prefixes = [f"{base}{batch}{pool}" for batch in range(2) for pool in ("prefork", "threads")]
+    pools = {"prefork": 2, "threads": 8}
+    with workers(pgbouncer, pools, preset=True, engine_options={}) as started:
+        values: list[Any] = []
+        for batch in range(2):
+            sent = [
+                pair
+                for pool, worker in started.items()
+                for pair in send(worker, f"{base}{batch}{pool}", ["commit"] * 40)
+            ]
+            values += ResultSet([r for _, r in sent]).join_native(timeout=120, propagate=False)
+            if batch == 0:
+                pgbouncer.restart()
+        for worker in started.values():
+            assert worker.stop() == 0
+    assert Counter(map(outcome, values)) == Counter({"commit": 160})
+    for prefix in prefixes:
+        assert committed(pgbouncer.postgres, prefix) == Counter({"commit": 40}), prefix
