@@ -247,7 +247,7 @@ def _markdown_table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str
 
 def tables(results: dict[str, Any]) -> list[str]:
     """Every table that has rows, under its heading: workers, in process, targets."""
-    sections = [
+    sections: list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]] = [
         ("Workers", COLUMNS, rows(results)),
         ("Bridge", BRIDGE_COLUMNS, bridge_rows(results)),
         ("The DB body in one process", DB_COLUMNS, bridge_rows(results, "db")),
