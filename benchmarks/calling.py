@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from celery import Celery
 
 from async_session_task import AsyncSessionTask
+from benchmarks._stats import spread
 
 QUEUE = "bench-calling"
 app = Celery("bench_calling", broker="redis://127.0.0.1:6379/0", set_as_current=False)
@@ -69,14 +69,6 @@ async def blocking(i: int) -> Any:
 
 async def cooperative(i: int) -> Any:
     return await target.adelay(i)
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), 1),
-        "min": round(min(values), 1),
-        "max": round(max(values), 1),
-    }
 
 
 def main() -> None:

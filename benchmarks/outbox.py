@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 from async_session_task import AsyncSessionTask, _outbox, on_commit
 from benchmarks import _db
+from benchmarks._stats import spread
 
 QUEUE = "bench-outbox"  # no worker consumes it; purged after each round
 app = Celery(
@@ -93,14 +93,6 @@ def drain(url: str, broker: str, relays: int) -> float:
         if process.wait(600) != 0:
             raise RuntimeError(f"a relay failed: exit {process.returncode}")
     return time.perf_counter() - started
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), 1),
-        "min": round(min(values), 1),
-        "max": round(max(values), 1),
-    }
 
 
 def purge() -> None:
