@@ -178,7 +178,7 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
         result: Retry = super().retry(*args, **kwargs)
         return result
 
-    def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+    def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """``delay()``, published when the current run's session commits (``on_commit``).
 
         The keyword ``durable=True`` is not the body's: it also writes the message to the
@@ -199,12 +199,12 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
         *,
         durable: bool | None = None,
         **options: Any,
-    ) -> AsyncResult:
+    ) -> AsyncResult[R]:
         """``apply_async()``, published when the current run's session commits; ``durable``
         as for :meth:`delay_on_commit`."""
         return on_commit(self.signature(args, kwargs, **options), durable=durable)
 
-    async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+    async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """``delay()`` from async code, without blocking its loop (:func:`apublish`)."""
         return await apublish(self.s(*args, **kwargs))
 
@@ -215,7 +215,7 @@ class AsyncSessionTask(TypedTask[P, R], Task):  # type: ignore[misc]  # celery i
         *,
         publish_timeout: float | None = None,
         **options: Any,
-    ) -> AsyncResult:
+    ) -> AsyncResult[R]:
         """``apply_async()`` from async code, without blocking its loop (:func:`apublish`)."""
         return await apublish(
             self.signature(args, kwargs), publish_timeout=publish_timeout, **options
