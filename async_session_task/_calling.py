@@ -15,6 +15,7 @@ from kombu.exceptions import OperationalError
 
 from . import _config
 from ._publisher import Expired, Job, QueueFull, publisher
+from ._results import unsubscribed
 from ._run import current_run
 
 
@@ -49,7 +50,7 @@ async def apublish(
     job = Job(time.monotonic() + timeout)
     loop = asyncio.get_running_loop()
     try:
-        waiting = publisher().answer_on(loop, job, signature.apply_async, **options)
+        waiting = publisher().answer_on(loop, job, _send, signature, options)
     except QueueFull as exc:
         raise PublishTimeout(str(exc)) from None
     try:
@@ -73,6 +74,13 @@ async def apublish(
     except asyncio.CancelledError:
         job.abandon()  # not started: never published; started: it completes on its own
         raise
+
+
+def _send(signature: Signature, options: dict[str, Any]) -> AsyncResult:
+    """In a publisher thread."""
+    unsubscribed(signature.app)
+    result: AsyncResult = signature.apply_async(**options)
+    return result
 
 
 def _connection_errors(app: Any) -> tuple[type[BaseException], ...]:

@@ -43,6 +43,7 @@ from sqlalchemy.util import concurrency
 
 from . import _config, _outbox
 from ._publisher import Expired, Job, QueueFull, publisher
+from ._results import unsubscribed
 from ._run import current_run, current_session, in_worker
 
 logger = logging.getLogger("async_session_task")
@@ -183,7 +184,7 @@ async def _hand_off(queued: list[_Queued]) -> list[tuple[str, bool]]:
     timeout = _config.publish_timeout(queued[0][0].app.conf)
     job = Job(time.monotonic() + timeout)
     try:
-        future = publisher().submit(job, _publish, queued)
+        future = publisher().submit(job, _publish_off_loop, queued)
     except QueueFull as exc:
         _lost(queued, exc)
         return []
@@ -203,6 +204,13 @@ async def _hand_off(queued: list[_Queued]) -> list[tuple[str, bool]]:
     except Expired:
         return []
     return published
+
+
+def _publish_off_loop(queued: list[_Queued]) -> list[tuple[str, bool]]:
+    """:func:`_publish` in a publisher thread."""
+    for app in {signature.app for signature, _, _ in queued}:
+        unsubscribed(app)
+    return _publish(queued)
 
 
 def _expired(queued: list[_Queued], done: concurrent.futures.Future[Any]) -> None:

@@ -6,6 +6,7 @@ thread per process (:class:`Subscriber`) listens for every waiter of the process
 connection and wakes a waiter as its result arrives; the waiter then reads the store. A
 waiter subscribes before it first reads the store, so a result stored in between is not
 missed, and it keeps looking with backoff, so a missed message costs latency, never a result.
+With ``rpc://``, whose results are messages rather than stored, ``_replies`` receives them.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult, ResultSet
 
+from ._replies import Replies, replies
+
 #: The first pause between two looks at a pending result, doubled up to :data:`POLL_MAX`.
 POLL_START = 0.02
 POLL_MAX = 1.0
 #: The longest pause between two looks when the subscriber wakes the waiter.
 SUBSCRIBED_POLL_MAX = 5.0
+#: Seconds the subscriber listens before it takes new (un)subscriptions: how late a new
+#: waiter's subscription can be while others are subscribed.
+LISTEN = 0.005
 
 
 class ResultTimeout(CeleryTimeoutError, TimeoutError):  # type: ignore[misc]  # celery is untyped
@@ -71,28 +77,32 @@ class Subscriber(threading.Thread):
     def run(self) -> None:
         while True:
             try:
-                while True:  # the pubsub object is used by this thread only
-                    command, channel = self._commands.get_nowait()
-                    getattr(self._pubsub, command)(channel)
-            except queue.Empty:
-                pass
-            try:
-                message = (
-                    self._pubsub.get_message(timeout=0.05) if self._pubsub.subscribed else None
-                )
+                # Nothing subscribed: sleep until a waiter comes; else take what arrived.
+                self._take(self._commands.get() if not self._pubsub.subscribed else None)
+                message = self._pubsub.get_message(timeout=LISTEN)
             except Exception:  # a broken connection: redis-py reconnects and resubscribes
+                # (a subscription lost here costs its waiter latency: it still looks itself)
                 time.sleep(0.5)
                 continue
-            if not self._pubsub.subscribed:
-                time.sleep(0.05)
             if message is not None and message.get("type") == "message":
                 with self._lock:
                     waiters = list(self._waiters.get(message["channel"], ()))
                 for loop, event in waiters:
                     loop.call_soon_threadsafe(event.set)
 
+    def _take(self, command: tuple[str, bytes] | None) -> None:
+        """Run ``command`` and every one waiting (the pubsub object is this thread's only)."""
+        while True:
+            if command is not None:
+                name, channel = command
+                getattr(self._pubsub, name)(channel)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
 
-_subscribers: dict[tuple[int, int], Subscriber] = {}
+
+_subscribers: dict[tuple[int, object], Subscriber] = {}
 _subscribers_lock = threading.Lock()
 
 
@@ -101,13 +111,32 @@ def subscriber(backend: Any) -> Subscriber | None:
     client = getattr(backend, "client", None)
     if type(backend).__name__ not in ("RedisBackend", "SentinelBackend") or client is None:
         return None
-    key = (os.getpid(), id(backend))  # a forked child starts its own
+    # One per process (a forked child starts its own) and Redis server: each thread that sends
+    # has a backend object of its own (celery/celery#6416), and the results of all of them
+    # are published on the same server.
+    key = (os.getpid(), getattr(backend, "url", None) or id(backend))
     with _subscribers_lock:
         found = _subscribers.get(key)
         if found is None:
             found = _subscribers[key] = Subscriber(client)
             found.start()
     return found
+
+
+def unsubscribed(app: Any) -> None:
+    """In a publisher thread, before it sends for ``app``: keep this thread's Redis result
+    backend from subscribing to each sent task's channel. Celery subscribes at every send so
+    that a later ``get()`` in the same thread misses nothing; nothing in a publisher thread
+    ever reads that subscription, so each result would be pushed to a connection that is
+    never drained, until Redis drops it at its output buffer limit (celery/celery#6963,
+    docs/internals.md#send-subscribes). ``get()`` subscribes on its own when called."""
+    backend = app.backend  # this thread's own (celery/celery#6416)
+    if type(backend).__name__ in ("RedisBackend", "SentinelBackend"):
+        vars(backend).setdefault("on_task_call", _no_subscription)
+
+
+def _no_subscription(producer: Any, task_id: str) -> None:
+    """``on_task_call`` of a publisher thread's Redis backend: nothing to prepare."""
 
 
 async def aget(
@@ -124,25 +153,22 @@ async def aget(
         timeout: seconds to wait at most (None: no limit).
         propagate: re-raise the task's exception (and raise for a revoked task).
         interval: seconds between looks at the result backend (default: from 0.02 s,
-            doubling up to 1 s; with Redis, woken by the result's message, up to 5 s).
+            doubling up to 1 s; with Redis, woken by the result's message, up to 5 s). Not
+            used with ``rpc://``, whose results arrive as messages (``_replies``).
 
     Raises:
         ResultTimeout: ``timeout`` passed first (a ``TimeoutError`` of Celery and Python).
-        NotImplementedError: the backend is ``rpc://``, which is not a result store.
         Exception: the task's, with ``propagate``.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    if type(result.backend).__name__ == "RPCBackend":
-        raise NotImplementedError(
-            "aget() reads a result store (Redis, a database, ...); the rpc:// backend keeps "
-            "results as messages for the process that sent the task: use result.get() in a "
-            "thread of its own, or a result store"
-        )
     if isinstance(result, GroupResult | ResultSet):
         return [
             await aget(child, timeout=_left(deadline), propagate=propagate, interval=interval)
             for child in result.results
         ]
+    drainer = replies(result.backend)
+    if drainer is not None:
+        return await _replied(drainer, result, deadline, timeout, propagate)
     listening = subscriber(result.backend)
     if listening is None:
         return await _wait(result, deadline, timeout, propagate, interval, None)
@@ -182,6 +208,26 @@ async def _wait(
             woken.clear()
         if interval is None:
             pause = min(longest, pause * 2)
+
+
+async def _replied(
+    drainer: Replies,
+    result: AsyncResult,
+    deadline: float | None,
+    waited: float | None,
+    propagate: bool,
+) -> Any:
+    waiter = drainer.wait_for(result, asyncio.get_running_loop())
+    try:
+        async with asyncio.timeout(_left(deadline)):
+            await waiter.future
+    except TimeoutError:
+        raise ResultTimeout(f"{result.id}: no result within {waited} s") from None
+    finally:
+        if not waiter.future.done() or waiter.future.cancelled():
+            drainer.forget(waiter)
+    # Ready: its state and value are cached on the result by the reply, no I/O here.
+    return _value(result, {"result": result.result}, result.state, propagate)
 
 
 def _left(deadline: float | None) -> float | None:

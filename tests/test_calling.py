@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Awaitable
@@ -232,9 +233,90 @@ def test_waiters_share_one_redis_subscriber(start_worker: StartWorker) -> None:
     client.close()
 
 
+def test_sending_leaves_no_subscription(start_worker: StartWorker) -> None:
+    """Celery's Redis backend subscribes to a task's result channel as it sends the task, for
+    a get() in the same thread; nothing in a publisher thread reads it, so it must not stay."""
+    client = redis.Redis.from_url(BROKERS["redis"])
+    with start_worker(pool="threads", concurrency=4) as worker:
+
+        async def main() -> list[Any]:
+            sent = await asyncio.gather(
+                *(pg_app.probe.aapply_async((0.0,), queue=worker.queue) for _ in range(100))
+            )
+            await asyncio.gather(*(aget(result, timeout=60) for result in sent))
+            return sent
+
+        sent = asyncio.run(main())
+        time.sleep(0.3)  # the subscriber has unsubscribed after its waiters
+        channels = [pg_app.app.backend.get_key_for_task(result.id) for result in sent]
+        counts = dict(client.pubsub_numsub(*channels))
+    client.close()
+    assert len(counts) == 100
+    assert sum(counts.values()) == 0, [c for c, n in counts.items() if n][:3]
+
+
 @pytest.mark.parametrize("pool", ["prefork", "threads", "gevent"])
 def test_sending_from_inside_a_body(start_worker: StartWorker, pool: str) -> None:
     with start_worker(pool=pool, concurrency=2) as worker:
         ids = worker.send(pg_app.sends_async, worker.queue).get(timeout=30).split()
         children = [pg_app.app.AsyncResult(task_id).get(timeout=30) for task_id in ids]
         assert [len(child["before"]) for child in children] == [3, 3]
+
+
+def test_aget_receives_rpc_replies(start_worker: StartWorker) -> None:
+    """``rpc://`` stores nothing: the replies are received by a thread of the sending process.
+    200 concurrent sends and waits, a reply that came before its waiter, a result awaited
+    twice, a failing task re-raised, an unknown id timing out, a cancelled waiter forgotten."""
+    rpc = {"AST_RESULT_BACKEND": "rpc://"}
+    with start_worker(pool="threads", concurrency=4, broker="amqp", env=rpc) as worker:
+        client = Celery("rpc-client", broker=BROKERS["amqp"], backend="rpc://")
+        probe = client.signature(pg_app.probe.name, args=(0.0,), queue=worker.queue)
+        failing = client.signature(
+            pg_app.outcome.name, args=(uuid.uuid4().hex, "error"), queue=worker.queue
+        )
+
+        async def main() -> dict[str, Any]:
+            sent = await asyncio.gather(*(apublish(probe, publish_timeout=10) for _ in range(200)))
+            values = await asyncio.gather(*(aget(result, timeout=60) for result in sent))
+            early = await apublish(probe, publish_timeout=10)
+            await asyncio.sleep(1.0)  # its reply is waiting before anyone waits for it
+            bad = await apublish(failing, publish_timeout=10)
+            found: dict[str, Any] = {
+                "values": values,
+                "early": await aget(early, timeout=30),
+                "again": await aget(early, timeout=5),
+                "quiet": await aget(bad, timeout=30, propagate=False),
+                "backends": {id(result.backend) for result in sent},
+            }
+            try:
+                await aget(bad, timeout=30)
+            except ValueError as exc:
+                found["raised"] = exc
+            unknown = client.AsyncResult(uuid.uuid4().hex, backend=early.backend)
+            try:
+                await aget(unknown, timeout=0.3)
+            except TimeoutError as exc:
+                found["timed_out"] = exc
+            gone = client.AsyncResult(uuid.uuid4().hex, backend=early.backend)
+            waiting = asyncio.create_task(aget(gone))
+            await asyncio.sleep(0.3)
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            await asyncio.sleep(0.3)  # the thread takes the cancellation between two drains
+            concrete, weak = early.backend._pending_results
+            found["left"] = [*concrete, *weak]
+            return found
+
+        (found, longest) = asyncio.run(with_ticker(main()))
+        client.close()
+    assert len(found["values"]) == 200
+    assert all(value["before"]["id"] == value["after"]["id"] for value in found["values"])
+    assert found["early"]["before"]["id"] == found["again"]["before"]["id"]
+    assert isinstance(found["quiet"], ValueError)  # returned, not raised
+    assert isinstance(found["raised"], ValueError)
+    assert isinstance(found["timed_out"], ResultTimeout)
+    assert found["left"] == []  # the cancelled waiter left nothing registered
+    # One thread per reply queue: the publisher threads' backends, no more.
+    threads = [t for t in threading.enumerate() if t.name == "async_session_task-replies"]
+    assert 1 <= len(threads) <= len(found["backends"]), (len(threads), found["backends"])
+    assert longest < 0.3, longest
