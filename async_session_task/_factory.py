@@ -13,11 +13,11 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from celery.exceptions import ImproperlyConfigured
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.pool import QueuePool
@@ -272,3 +272,23 @@ class Factories:
 
 
 factories = Factories()
+
+#: Option engines: one per engine and isolation level (:func:`at_isolation_level`).
+_at_level: dict[tuple[int, str], Engine] = {}
+
+
+def at_isolation_level(
+    engine: Engine, level: str, made: Callable[[Engine], None] | None = None
+) -> Engine:
+    """``engine.execution_options(isolation_level=level)``, made once per engine and level
+    (an option engine shares its engine's pool; making one per use would cost a copy of its
+    options each time). Each keeps its engine alive, so an id is not reused while its entry
+    exists. ``made`` is called once with a new one (to add listeners to it alone)."""
+    key = (id(engine), level)
+    found = _at_level.get(key)
+    if found is None:
+        found = engine.execution_options(isolation_level=level)
+        if made is not None:
+            made(found)
+        found = _at_level.setdefault(key, found)
+    return found

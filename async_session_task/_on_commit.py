@@ -19,14 +19,13 @@ asyncio dialects await the driver), so ``await session.commit()`` returns once t
 have been handed to the broker, while the loop keeps running. In a task body the publish runs
 in the worker's thread or greenlet (``in_worker``, where ``delay()`` from a body publishes);
 elsewhere (a web app) in this process's publisher threads (``_publisher``), with the deadline
-``async_session_publish_timeout``; the commit waits for its publish shielded from its own
-cancellation, so a COMMIT that succeeded is published (or its loss logged and counted).
+``async_session_publish_timeout``; cancelling the commit's caller does not cancel its
+publish, so a COMMIT that succeeded is published (or its loss logged and counted).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import threading
 import time
@@ -184,26 +183,30 @@ async def _hand_off(queued: list[_Queued]) -> list[tuple[str, bool]]:
     timeout = _config.publish_timeout(queued[0][0].app.conf)
     job = Job(time.monotonic() + timeout)
     try:
-        future = publisher().submit(job, _publish_off_loop, queued)
+        # Whatever becomes of the caller, a job that expires before a thread takes it is
+        # logged and counted (a started one logs its own failures). Cancelling the caller
+        # (a commit cancelled after COMMIT: a timeout, a server shutting down) leaves the job
+        # alone: the message is published.
+        answer = publisher().answer_on(
+            asyncio.get_running_loop(),
+            job,
+            _publish_off_loop,
+            queued,
+            expired=lambda exc: _lost(queued, exc),
+        )
     except QueueFull as exc:
         _lost(queued, exc)
         return []
-    # Whatever becomes of the caller, a job that expired before a thread took it is logged
-    # and counted (a started one logs its own failures).
-    future.add_done_callback(lambda done: _expired(queued, done))
-    # Shielded: a commit cancelled after COMMIT (a timeout, a server shutting down) must not
-    # cancel its publish, which asyncio.wrap_future would do. Bounded: the commit waits for
-    # its own deadline, not for the failures of every publish queued before it.
+    # Bounded: the commit waits for its own deadline, not for the failures of every publish
+    # queued before it.
     try:
-        published: list[tuple[str, bool]] = await asyncio.wait_for(
-            asyncio.shield(asyncio.wrap_future(future)), timeout
-        )
+        async with asyncio.timeout(timeout):
+            return await answer
     except TimeoutError:
-        job.abandon()  # not started: never will be (the callback logs it); started: finishes
+        job.abandon()  # not started: never will be (and is counted); started: finishes
         return []
     except Expired:
         return []
-    return published
 
 
 def _publish_off_loop(queued: list[_Queued]) -> list[tuple[str, bool]]:
@@ -211,11 +214,6 @@ def _publish_off_loop(queued: list[_Queued]) -> list[tuple[str, bool]]:
     for app in {signature.app for signature, _, _ in queued}:
         unsubscribed(app)
     return _publish(queued)
-
-
-def _expired(queued: list[_Queued], done: concurrent.futures.Future[Any]) -> None:
-    if not done.cancelled() and isinstance(done.exception(), Expired):
-        _lost(queued, done.exception())
 
 
 def _lost(queued: list[_Queued], exc: BaseException | None) -> None:

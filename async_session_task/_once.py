@@ -21,6 +21,7 @@ from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from ._factory import at_isolation_level
 from ._tables import KEY_LENGTH
 
 logger = logging.getLogger("async_session_task")
@@ -41,7 +42,6 @@ BACKOFF_BASE = 0.01
 BACKOFF_CAP = 1.0
 
 _counts = {"reruns": 0, "skipped": 0}
-_isolated: dict[tuple[int, str], Engine] = {}
 _counts_lock = threading.Lock()
 
 
@@ -156,18 +156,17 @@ def _isolated_engine(engine: Engine, level: str) -> Engine:
     # SQLAlchemy applies the level when the connection is checked out and resets it on
     # return to the pool; asyncpg and psycopg send it with BEGIN, so it holds per
     # transaction, through PgBouncer's transaction pooling too
-    # (docs/internals.md#isolation-per-transaction). One option engine per engine and level;
-    # it keeps its engine alive, so the id is not reused while the entry exists.
-    isolated = _isolated.get((id(engine), level))
-    if isolated is None:
-        isolated = _isolated[id(engine), level] = engine.execution_options(isolation_level=level)
-        if engine.dialect.name == "sqlite":
-            # pysqlite (and aiosqlite over it) begin a transaction only before a write, so
-            # a read-modify-write would read outside it: begin at the first statement, and
-            # take the write lock there (docs/internals.md#sqlite-begin). Only on this
-            # option engine: the user's engine keeps its behaviour.
-            event.listen(isolated, "begin", _begin_immediate)
-    return isolated
+    # (docs/internals.md#isolation-per-transaction).
+    return at_isolation_level(engine, level, _sqlite_begin)
+
+
+def _sqlite_begin(isolated: Engine) -> None:
+    if isolated.dialect.name == "sqlite":
+        # pysqlite (and aiosqlite over it) begin a transaction only before a write, so a
+        # read-modify-write would read outside it: begin at the first statement, and take
+        # the write lock there (docs/internals.md#sqlite-begin). Only on this option
+        # engine: the user's engine keeps its behaviour.
+        event.listen(isolated, "begin", _begin_immediate)
 
 
 def _begin_immediate(connection: Any) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session, registry
 
+from ._factory import at_isolation_level
 from ._tables import outbox, table_problem
 
 propagate: Any
@@ -154,14 +155,8 @@ def delete_published(session: Session, task_ids: list[str]) -> None:
 
 def _delete(engine: Engine, ids: list[str]) -> None:
     # One statement in autocommit: no BEGIN and COMMIT round trips around it.
-    autocommit = _autocommit.get(id(engine))
-    if autocommit is None:
-        # Kept with its engine alive, so the id is not reused while the entry exists.
-        autocommit = _autocommit[id(engine)] = engine.execution_options(
-            isolation_level="AUTOCOMMIT"
-        )
     try:
-        with autocommit.connect() as connection:
+        with at_isolation_level(engine, "AUTOCOMMIT").connect() as connection:
             connection.execute(_DELETE, {"ids": ids})
     except Exception:
         _delete_failed(len(ids))
@@ -169,7 +164,6 @@ def _delete(engine: Engine, ids: list[str]) -> None:
         count("deleted", len(ids))
 
 
-_autocommit: dict[int, Engine] = {}
 _DELETE = delete(outbox).where(outbox.c.id.in_(bindparam("ids", expanding=True)))
 
 

@@ -107,11 +107,14 @@ class Publisher:
         job: Job,
         fn: Callable[..., T],
         *args: Any,
-        **kwargs: Any,
+        expired: Callable[[Expired], None] | None = None,
     ) -> asyncio.Future[T]:
         """:meth:`submit`, answered on ``loop``: a future of that loop, resolved from the
         thread. Cancelling it does not cancel the job (``job.abandon()`` does, before it
-        starts). Cheaper on the loop than ``asyncio.wrap_future`` of :meth:`submit`.
+        starts). Cheaper on the loop than ``asyncio.wrap_future`` of :meth:`submit`, which
+        would also cancel the job with it (docs/internals.md#wrap-future-cancels).
+        ``expired`` is called in the thread if the job expired before it started, whether or
+        not anyone still waits for the answer.
 
         Raises:
             QueueFull: too many jobs are waiting already.
@@ -132,17 +135,22 @@ class Publisher:
 
         def call() -> None:
             try:
-                value = fn(*args, **kwargs)
+                value = fn(*args)
             except BaseException as exc:
                 answer(None, exc)
             else:
                 answer(value, None)
 
-        future = self.submit(job, call)
-        # What call() does not answer: the job expired before it started.
-        future.add_done_callback(
-            lambda done: answer(None, done.exception()) if done.exception() else None
-        )
+        def unanswered(done: concurrent.futures.Future[None]) -> None:
+            # What call() does not answer: the job expired before it started.
+            error = done.exception()
+            if error is None:
+                return
+            if expired is not None and isinstance(error, Expired):
+                expired(error)
+            answer(None, error)
+
+        self.submit(job, call).add_done_callback(unanswered)
         return waiter
 
 

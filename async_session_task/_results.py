@@ -4,8 +4,10 @@
 where Celery publishes each stored result on a channel named by its key, one subscriber
 thread per process (:class:`Subscriber`) listens for every waiter of the process on one
 connection and wakes a waiter as its result arrives; the waiter then reads the store. A
-waiter subscribes before it first reads the store, so a result stored in between is not
-missed, and it keeps looking with backoff, so a missed message costs latency, never a result.
+waiter first reads the store once its subscription is confirmed, so a result stored in
+between is not missed, and it keeps looking with backoff, so a missed message costs
+latency, never a result. The thread sleeps on its connection and a wake-up socket: no
+polling, no CPU while results are awaited.
 With ``rpc://``, whose results are messages rather than stored, ``_replies`` receives them.
 """
 
@@ -15,6 +17,8 @@ import asyncio
 import contextlib
 import os
 import queue
+import select
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -32,9 +36,10 @@ POLL_START = 0.02
 POLL_MAX = 1.0
 #: The longest pause between two looks when the subscriber wakes the waiter.
 SUBSCRIBED_POLL_MAX = 5.0
-#: Seconds the subscriber listens before it takes new (un)subscriptions: how late a new
-#: waiter's subscription can be while others are subscribed.
-LISTEN = 0.005
+#: Seconds a waiter waits for its channel's subscription before its first look.
+SUBSCRIBED_WAIT = 0.1
+#: Seconds the subscriber sleeps when it cannot watch its connection (not connected).
+LISTEN = 0.05
 
 
 class ResultTimeout(CeleryTimeoutError, TimeoutError):  # type: ignore[misc]  # celery is untyped
@@ -47,8 +52,15 @@ class Subscriber(threading.Thread):
 
     def __init__(self, client: Any) -> None:
         super().__init__(name="async_session_task-results", daemon=True)
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        # Subscribe confirmations too: a waiter reads the store once its channel is
+        # subscribed, so a result stored before is read, and one stored after is announced.
+        self._pubsub = client.pubsub(ignore_subscribe_messages=False)
         self._commands: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        # Written to with each command: the thread sleeps until Redis sends something or a
+        # command comes, never polling (no CPU while waiting, no delay for a new waiter).
+        self._wake, self._woken = socket.socketpair()
+        self._wake.setblocking(False)
+        self._woken.setblocking(False)
         self._lock = threading.Lock()
         self._waiters: dict[bytes, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = (
             defaultdict(set)
@@ -61,7 +73,9 @@ class Subscriber(threading.Thread):
             first = not self._waiters[channel]
             self._waiters[channel].add((loop, event))
         if first:
-            self._commands.put(("subscribe", channel))
+            self._command("subscribe", channel)
+        else:  # subscribed already (or about to be)
+            event.set()
 
     def done(self, channel: bytes, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
         with self._lock:
@@ -72,34 +86,60 @@ class Subscriber(threading.Thread):
             if waiters:
                 return
             del self._waiters[channel]
-        self._commands.put(("unsubscribe", channel))
+        self._command("unsubscribe", channel)
+
+    def _command(self, name: str, channel: bytes) -> None:
+        self._commands.put((name, channel))
+        with contextlib.suppress(OSError):  # full: the thread is due to wake anyway
+            self._wake.send(b"\0")
 
     def run(self) -> None:
         while True:
             try:
-                # Nothing subscribed: sleep until a waiter comes; else take what arrived.
-                self._take(self._commands.get() if not self._pubsub.subscribed else None)
-                message = self._pubsub.get_message(timeout=LISTEN)
+                self._take()
+                self._deliver()
+                self._sleep()
             except Exception:  # a broken connection: redis-py reconnects and resubscribes
                 # (a subscription lost here costs its waiter latency: it still looks itself)
                 time.sleep(0.5)
-                continue
-            if message is not None and message.get("type") == "message":
+
+    def _take(self) -> None:
+        """Run the commands that came (the pubsub object is this thread's only)."""
+        while True:
+            try:
+                name, channel = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            getattr(self._pubsub, name)(channel)
+
+    def _deliver(self) -> None:
+        """Wake the waiters of every message received so far, without waiting for more."""
+        while self._pubsub.subscribed:
+            message = self._pubsub.get_message(timeout=0)
+            if message is None:
+                return
+            if message.get("type") in ("message", "subscribe"):
                 with self._lock:
                     waiters = list(self._waiters.get(message["channel"], ()))
                 for loop, event in waiters:
-                    loop.call_soon_threadsafe(event.set)
+                    with contextlib.suppress(RuntimeError):  # the waiter's loop has closed
+                        loop.call_soon_threadsafe(event.set)
 
-    def _take(self, command: tuple[str, bytes] | None) -> None:
-        """Run ``command`` and every one waiting (the pubsub object is this thread's only)."""
-        while True:
-            if command is not None:
-                name, channel = command
-                getattr(self._pubsub, name)(channel)
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
+    def _sleep(self) -> None:
+        """Until Redis sends something (while subscribed) or a command comes."""
+        readable: list[Any] = [self._woken]
+        timeout: float | None = None
+        if self._pubsub.subscribed:
+            sock = getattr(self._pubsub.connection, "_sock", None)  # redis-py's Connection
+            if sock is None:  # not connected: look again soon
+                timeout = LISTEN
+            elif getattr(sock, "pending", lambda: 0)():  # TLS: read, not yet taken
                 return
+            else:
+                readable.append(sock)
+        select.select(readable, [], [], timeout)
+        with contextlib.suppress(OSError):
+            self._woken.recv(4096)
 
 
 _subscribers: dict[tuple[int, object], Subscriber] = {}
@@ -176,6 +216,14 @@ async def aget(
     loop, woken = asyncio.get_running_loop(), asyncio.Event()
     listening.wait_on(channel, loop, woken)
     try:
+        # Read the store once the channel is subscribed (or a moment passed regardless):
+        # what was stored before is read then, and what is stored after is announced.
+        with contextlib.suppress(TimeoutError):
+            left = _left(deadline)
+            await asyncio.wait_for(
+                woken.wait(), SUBSCRIBED_WAIT if left is None else min(SUBSCRIBED_WAIT, left)
+            )
+        woken.clear()
         return await _wait(result, deadline, timeout, propagate, interval, woken)
     finally:
         listening.done(channel, loop, woken)

@@ -101,6 +101,16 @@ _ALL = [
         pgbouncer=True,
         pools=("prefork", "threads"),
     ),
+    # The other candidate for PgBouncer: psycopg 3, which never prepares with this setting.
+    _library(
+        "library-pgbouncer-psycopg",
+        "async_session_task through PgBouncer, psycopg 3 async, prepare off",
+        13,  # 11 and 12 are library-info's and library-noresult's
+        pgbouncer=True,
+        pools=("prefork", "threads"),
+        driver="psycopg",
+        opts=PSYCOPG_NO_CACHE,
+    ),
     # Each run writes its marker in its own transaction (docs/running-once.md).
     _library("library-idempotent", "async_session_task, idempotent=True", 10, idempotent="1"),
     Implementation("sync", "sync pattern (psycopg 3)", "benchmarks.impl_sync", 20_000_000),

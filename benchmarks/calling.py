@@ -15,8 +15,8 @@ round.
 worker consuming): on Redis, on RabbitMQ with Redis results, and on RabbitMQ with ``rpc://``,
 rounds alternating, 200 concurrent HTTP requests each sending and waiting (``adelay`` +
 ``aget``, against ``delay()`` + ``get()`` in the handler): the server loop's longest stall
-and the batch's wall time; one request at a time: the round trip; and, with Redis results,
-the Redis connections subscribed while 1,000 waiters wait in one process (``CLIENT LIST``).
+and the batch's wall time; one request at a time: the round trip; and, on Redis, the Redis
+connections subscribed while 1,000 waiters wait in one process (``CLIENT LIST``).
 """
 
 from __future__ import annotations
@@ -189,8 +189,7 @@ def serve(options: argparse.Namespace) -> dict[str, Any]:
                         samples.setdefault(f"{way}_batch_ms", []).append(wall * 1e3)
                         samples.setdefault(f"{way}_round_trip_ms", []).append(trip * 1e3)
             found[setup] = {name: spread(values) for name, values in samples.items()}
-            if SETUPS[setup][1] == REDIS:
-                app.conf.update(broker_url=SETUPS[setup][0], result_backend=REDIS)
+            if setup == "redis":  # this process's app is on Redis
                 connections, channels = asyncio.run(subscribed_waiters(1000))
                 found[setup]["1000_waiters"] = {"connections": connections, "channels": channels}
     return found

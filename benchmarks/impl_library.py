@@ -4,7 +4,8 @@ Its variants (``benchmarks._variants``) are set by environment variables, read a
 ``AST_BENCH_DRIVER`` (``asyncpg``, ``psycopg``), ``AST_BENCH_ENGINE_OPTIONS`` (JSON, given as
 ``async_session_engine_options``), ``AST_BENCH_LOOP`` (``uvloop``), ``AST_BENCH_BODY``
 (``run_sync``: the ORM work as one sync block), ``AST_BENCH_PGBOUNCER`` (a PgBouncer's
-asyncpg URL: connect through it with ``pgbouncer_engine_options()``) and
+asyncpg URL: connect through it with ``pgbouncer_engine_options()``, or with psycopg and
+the options given when the driver is ``psycopg``) and
 ``AST_BENCH_IDEMPOTENT`` (``1``: ``idempotent=True``, a marker per run).
 """
 
@@ -34,6 +35,10 @@ def configure(app: Celery, environ: Mapping[str, str]) -> None:
     variant without options runs with the library's defaults."""
     options = json.loads(environ.get("AST_BENCH_ENGINE_OPTIONS") or "{}")
     if bouncer := environ.get("AST_BENCH_PGBOUNCER"):
+        if environ.get("AST_BENCH_DRIVER") == "psycopg":  # the candidate: its options as given
+            app.conf.async_session_url = bouncer.replace("+asyncpg", "+psycopg", 1)
+            app.conf.async_session_engine_options = options
+            return
         app.conf.async_session_url = bouncer
         app.conf.async_session_engine_options = pgbouncer_engine_options(**options)
         return

@@ -216,7 +216,8 @@ def test_waiters_share_one_redis_subscriber(start_worker: StartWorker) -> None:
         async def main() -> tuple[list[int], Any]:
             waiters = [asyncio.create_task(aget(result, timeout=60)) for result in pending]
             sent = worker.send(pg_app.probe, 0.5)
-            answer = asyncio.create_task(aget(sent, timeout=60))
+            # Woken by its result's message: its next look of its own would be in 100 s.
+            answer = asyncio.create_task(aget(sent, timeout=30, interval=100))
             await asyncio.sleep(0.3)  # every waiter has subscribed
             during = await asyncio.to_thread(subscribed)
             value = await answer

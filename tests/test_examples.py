@@ -30,7 +30,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import MetaData, create_engine, text
 
 from async_session_task.testing import WorkerProcess, file_broker_settings, worker_process
-from tests.helpers import HTTPServer, run_python, wait_for_state
+from tests.helpers import (
+    BROKERS,
+    SERVICES_OPTIONAL,
+    HTTPServer,
+    require,
+    run_python,
+    wait_for_state,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]
@@ -333,6 +340,33 @@ def test_fastapi_orders_worker_finds_every_order(variant: Variant) -> None:
         again = asyncio.run(post_process(base_url, ids))
         assert [reply["status"] for reply in again] == ["processed"] * count
         assert len({reply["task_id"] for reply in again}) == count
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("results", ["redis", "rpc"])
+def test_fastapi_orders_on_rabbitmq(database_url: str, results: str) -> None:
+    """RabbitMQ as the broker, results in Redis or sent back as rpc:// replies to the web
+    process: 200 requests at once, each sending with adelay and waiting with aget."""
+    require("RabbitMQ", SERVICES_OPTIONAL["RabbitMQ"])
+    backend = REDIS if results == "redis" else "rpc://"
+    client = Celery("examples-client", broker=BROKERS["amqp"], backend=REDIS)
+    env = {
+        "EXAMPLES_DATABASE_URL": database_url,
+        "EXAMPLES_BROKER_URL": BROKERS["amqp"],
+        "EXAMPLES_RESULT_BACKEND": backend,
+    }
+    variant = Variant("postgresql", database_url, env, client)
+    with (
+        variant.worker("examples.fastapi_orders.tasks") as worker,
+        serve(variant, worker, "examples.fastapi_orders.web:app") as base_url,
+    ):
+        orders = asyncio.run(post_orders(base_url, 20))
+        ids = [orders[i % len(orders)]["id"] for i in range(200)]
+        replies = asyncio.run(post_process(base_url, ids))
+    client.close()
+    assert [reply["id"] for reply in replies] == ids
+    assert [reply["status"] for reply in replies] == ["processed"] * 200
+    assert len({reply["task_id"] for reply in replies}) == 200
 
 
 @pytest.mark.services
