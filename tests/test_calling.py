@@ -186,12 +186,12 @@ def test_cancelled_waiters_stop_polling() -> None:
         waiters = [
             asyncio.create_task(aget(pg_app.app.AsyncResult(uuid.uuid4().hex))) for _ in range(50)
         ]
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.8)  # each has looked itself once (at 0.5 s), next at 1.5 s
         for waiter in waiters:
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
         cancelled_at = time.monotonic()
-        await asyncio.sleep(1.5)  # longer than the longest pause between two looks
+        await asyncio.sleep(1.5)  # past the next look of every waiter
         assert calls, "the waiters never asked"
         assert max(calls) < cancelled_at + 0.1, "a cancelled waiter kept polling"
 
