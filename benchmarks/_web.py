@@ -1,6 +1,7 @@
 """The web app ``benchmarks.calling --served`` runs under uvicorn: each request sends
 ``bench.calling`` and waits for its result, cooperatively (``/async``: ``adelay`` + ``aget``)
-or as plain Celery code in the handler (``/sync``: ``delay()`` + ``get()``, on the loop); a
+or as plain Celery code in the handler (``/sync``: ``delay()`` + ``get()``, on the loop), or
+not at all (``/none``: what uvicorn and FastAPI alone cost); a
 ticker on the same loop keeps its longest stall, read and reset by ``POST /stall``."""
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ async def cooperative(n: int) -> int:
 async def blocking(n: int) -> int:
     value: int = target.delay(n).get(timeout=60)  # what the library replaces: blocks the loop
     return value
+
+
+@api.get("/none/{n}")
+async def nothing(n: int) -> int:
+    """What the server alone costs: sends nothing."""
+    return n
 
 
 @api.post("/stall")

@@ -14,9 +14,10 @@ round.
 ``--served`` measures a real web app instead (``benchmarks/_web.py`` under uvicorn, a threads
 worker consuming): on Redis, on RabbitMQ with Redis results, and on RabbitMQ with ``rpc://``,
 rounds alternating, 200 concurrent HTTP requests each sending and waiting (``adelay`` +
-``aget``, against ``delay()`` + ``get()`` in the handler): the server loop's longest stall
-and the batch's wall time; one request at a time: the round trip; and, on Redis, the Redis
-connections subscribed while 1,000 waiters wait in one process (``CLIENT LIST``).
+``aget``, against ``delay()`` + ``get()`` in the handler, and against sending nothing): the
+server loop's longest stall and the batch's wall time; one request at a time: the round
+trip; and, on Redis, the Redis connections subscribed while 1,000 waiters wait in one
+process (``CLIENT LIST``).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def serve(options: argparse.Namespace) -> dict[str, Any]:
         samples: dict[str, list[float]] = {}
         with served(setup) as base:
             for round_ in range(options.rounds + 1):  # the first round warms up
-                for way in ("async", "sync"):
+                for way in ("async", "sync", "none"):
                     wall, stall = asyncio.run(requests_at_once(base, way, options.requests))
                     trip = asyncio.run(one_at_a_time(base, way, 50))
                     if round_:
