@@ -168,13 +168,13 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-#: The PgBouncer of the PgBouncer row: transaction pooling, a small server pool, and
-#: DISCARD ALL after every transaction, as docs/deployment.md#pgbouncer-in-transaction-mode
-#: describes it.
+#: The PgBouncer of the PgBouncer row: transaction pooling and a small server pool, as
+#: docs/deployment.md#pgbouncer-in-transaction-mode describes it; no DISCARD ALL after each
+#: transaction, which the preset's unnamed statements do not need.
 PGBOUNCER_SETTINGS = {
     "pool_mode": "transaction",
     "default_pool_size": 4,
-    "server_reset_query_always": 1,
+    "server_reset_query_always": 0,
 }
 
 
@@ -197,7 +197,6 @@ def _start_pgbouncer(
                     host=url.host or "127.0.0.1",
                     user=url.username or "root",
                     pool_size=PGBOUNCER_SETTINGS["default_pool_size"],
-                    settings={"server_reset_query_always": "1"},
                 )
             ), {}
         except RuntimeError as exc:

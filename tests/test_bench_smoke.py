@@ -85,7 +85,7 @@ def test_the_pgbouncer_row_went_through_pgbouncer(results: dict[str, Any]) -> No
     pgbouncer = results["pgbouncer"]
     assert pgbouncer["pool_mode"] == "transaction"
     assert pgbouncer["default_pool_size"] == 4
-    assert pgbouncer["server_reset_query_always"] == 1
+    assert pgbouncer["server_reset_query_always"] == 0
     # The worker's pooled client connections logged in through it.
     assert pgbouncer["client_logins"] >= 1
     assert results["machine"]["pgbouncer"].startswith("PgBouncer ")

@@ -51,11 +51,10 @@ def pgbouncer(private_redis: PrivateRedis) -> Iterator[Bouncer]:
         engine = create_engine(postgres.url.replace("+asyncpg", "+psycopg"))
         Base.metadata.create_all(engine)
         engine.dispose()
-        # DISCARD ALL after every transaction: the uniquely named statements of the preset
-        # would pile up on the server connections otherwise
-        # (docs/internals.md#pgbouncer-prepared-statements).
-        reset = {"server_reset_query_always": "1"}
-        bouncer = PrivatePgBouncer(postgres, pool_size=SERVER_POOL, settings=reset)
+        # PgBouncer's defaults for transaction mode: no DISCARD ALL after each transaction
+        # (server_reset_query_always = 0). The preset's unnamed statements must not pile up
+        # on the server connections without it (docs/internals.md#pgbouncer-prepared-statements).
+        bouncer = PrivatePgBouncer(postgres, pool_size=SERVER_POOL)
         soak_app.app.conf.update(broker_url=private_redis.url, result_backend=private_redis.url)
         try:
             yield bouncer
