@@ -1,4 +1,5 @@
-"""This process's place in its worker: the pool, and whether it is the worker's main process.
+"""This process's place in its worker: the pool, and whether it is the worker's main process;
+and the service threads this process started (:class:`ThreadsByKey`).
 
 Recorded by ``worker_init`` (``_worker``); read by the runtime to choose where the loop runs,
 and by the worker-start check. The facts about each pool are ``_pools``'.
@@ -8,8 +9,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from . import _pools
+
+T = TypeVar("T", bound=threading.Thread)
 
 #: The worker of this process tree: its pool's name and the pid of its main process, set
 #: by ``worker_init`` (sent once, in the main process, before prefork children are forked).
@@ -38,3 +43,21 @@ def loop_placement() -> tuple[bool, bool]:
         _pools.one_at_a_time(pool, main) and threading.current_thread() is threading.main_thread()
     )
     return inline, _pools.pool_enforces_limits(pool, main)
+
+
+class ThreadsByKey(Generic[T]):
+    """Service threads of this process, one per key, made and started on first use. A forked
+    child inherits the dict but not the threads: the key carries the pid, so it starts its
+    own."""
+
+    def __init__(self) -> None:
+        self._threads: dict[tuple[int, object], T] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: object, make: Callable[[], T]) -> T:
+        with self._lock:
+            found = self._threads.get((os.getpid(), key))
+            if found is None:
+                found = self._threads[os.getpid(), key] = make()
+                found.start()
+        return found

@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
 from typing import Any
 
 from celery.result import AsyncResult
+
+from ._process import ThreadsByKey
 
 logger = logging.getLogger("async_session_task")
 
@@ -124,18 +125,11 @@ def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
-_replies: dict[tuple[int, int], Replies] = {}
-_replies_lock = threading.Lock()
+_replies = ThreadsByKey[Replies]()
 
 
 def replies(backend: Any) -> Replies | None:
     """This process's thread for ``backend`` if it is an rpc backend; None otherwise."""
     if type(backend).__name__ != "RPCBackend":
         return None
-    key = (os.getpid(), id(backend))  # a forked child starts its own
-    with _replies_lock:
-        found = _replies.get(key)
-        if found is None:
-            found = _replies[key] = Replies(backend)
-            found.start()
-    return found
+    return _replies.get(id(backend), lambda: Replies(backend))

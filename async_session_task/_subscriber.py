@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import queue
 import select
 import socket
@@ -25,6 +24,8 @@ from collections import defaultdict
 from typing import Any
 
 from celery import states
+
+from ._process import ThreadsByKey
 
 #: Seconds the thread sleeps when it cannot watch its connection (not connected).
 LISTEN = 0.05
@@ -161,8 +162,7 @@ def _resolve(future: asyncio.Future[dict[str, Any]], meta: dict[str, Any]) -> No
         future.set_result(meta)
 
 
-_subscribers: dict[tuple[int, object], Subscriber] = {}
-_subscribers_lock = threading.Lock()
+_subscribers = ThreadsByKey[Subscriber]()
 
 
 def subscriber(backend: Any) -> Subscriber | None:
@@ -170,13 +170,8 @@ def subscriber(backend: Any) -> Subscriber | None:
     client = getattr(backend, "client", None)
     if type(backend).__name__ not in ("RedisBackend", "SentinelBackend") or client is None:
         return None
-    # One per process (a forked child starts its own) and Redis server: each thread that sends
-    # has a backend object of its own (celery/celery#6416), and the results of all of them
-    # are published on the same server.
-    key = (os.getpid(), getattr(backend, "url", None) or id(backend))
-    with _subscribers_lock:
-        found = _subscribers.get(key)
-        if found is None:
-            found = _subscribers[key] = Subscriber(client)
-            found.start()
-    return found
+    # One per Redis server: each thread that sends has a backend object of its own
+    # (celery/celery#6416), and the results of all of them are published on the same server.
+    return _subscribers.get(
+        getattr(backend, "url", None) or id(backend), lambda: Subscriber(client)
+    )
