@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 import uuid
@@ -321,3 +322,41 @@ def test_aget_receives_rpc_replies(start_worker: StartWorker) -> None:
     threads = [t for t in threading.enumerate() if t.name == "async_session_task-replies"]
     assert 1 <= len(threads) <= len(found["backends"]), (len(threads), found["backends"])
     assert longest < 0.3, longest
+
+
+def test_several_loops_and_a_forked_child(start_worker: StartWorker) -> None:
+    """Four threads, each with its own loop, send and wait at once; then the process forks
+    (as gunicorn --preload does) and the child, whose publisher and subscriber threads were
+    not inherited, sends and waits on its own."""
+    with start_worker(pool="threads", concurrency=4) as worker:
+
+        async def round_trip(n: int) -> list[Any]:
+            sent = [await pg_app.probe.aapply_async((0.0,), queue=worker.queue) for _ in range(n)]
+            return [await aget(result, timeout=30) for result in sent]
+
+        found: dict[int, list[Any]] = {}
+
+        def in_thread(i: int) -> None:
+            found[i] = asyncio.run(round_trip(5))
+
+        threads = [threading.Thread(target=in_thread, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(found) == [0, 1, 2, 3]
+        assert all(len(values) == 5 for values in found.values())
+
+        child = os.fork()
+        if child == 0:  # the child: report through its exit status only
+            try:
+                values = asyncio.run(round_trip(3))
+                os._exit(0 if len(values) == 3 and all("before" in v for v in values) else 1)
+            except BaseException:
+                os._exit(2)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(child, os.WNOHANG))[0] == 0:
+            assert time.monotonic() < deadline, "the forked child never finished"
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert len(asyncio.run(round_trip(2))) == 2  # and the parent still sends and waits
