@@ -76,10 +76,20 @@ async def aget(
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     if isinstance(result, GroupResult | ResultSet):
-        return [
-            await aget(child, timeout=_left(deadline), propagate=propagate, interval=interval)
+        # Every child waits at once (with Redis: one subscription batch, one MGET); the
+        # values, or the first failure, in order, as ResultSet.get() gives them.
+        waiting = [
+            asyncio.create_task(
+                aget(child, timeout=timeout, propagate=propagate, interval=interval)
+            )
             for child in result.results
         ]
+        try:
+            return [await child for child in waiting]
+        finally:
+            for child in waiting:
+                child.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
     drainer = replies(result.backend)
     if drainer is not None:
         return await _replied(drainer, result, deadline, timeout, propagate)

@@ -360,3 +360,28 @@ def test_several_loops_and_a_forked_child(start_worker: StartWorker) -> None:
             time.sleep(0.05)
         assert os.waitstatus_to_exitcode(done[1]) == 0
         assert len(asyncio.run(round_trip(2))) == 2  # and the parent still sends and waits
+
+
+def test_aget_of_a_group_in_order(start_worker: StartWorker) -> None:
+    """A group's children are awaited at once; the values come in order, a failure is
+    re-raised (or returned in its place with ``propagate=False``), as ResultSet.get() does."""
+    with start_worker(pool="threads", concurrency=4) as worker:
+        probe = pg_app.probe.s(0.05).set(queue=worker.queue)
+        failing = pg_app.outcome.s(uuid.uuid4().hex, "error").set(queue=worker.queue)
+
+        async def main() -> tuple[list[Any], list[Any], BaseException | None]:
+            many = await apublish(group([probe] * 40), publish_timeout=10)
+            values = await aget(many, timeout=60)
+            mixed = await apublish(group(probe, failing, probe), publish_timeout=10)
+            quiet = await aget(mixed, timeout=60, propagate=False)
+            try:
+                await aget(mixed, timeout=60)
+            except ValueError as exc:
+                return values, quiet, exc
+            return values, quiet, None
+
+        values, quiet, raised = asyncio.run(main())
+    assert len(values) == 40
+    assert all(value["before"]["id"] == value["after"]["id"] for value in values)
+    assert [type(value).__name__ for value in quiet] == ["dict", "ValueError", "dict"]
+    assert isinstance(raised, ValueError)
