@@ -46,6 +46,19 @@ DEFAULT_STALL_THRESHOLD = 1.0
 #: it (docs/internals.md#dead-pooled-connections).
 ENGINE_DEFAULTS: Mapping[str, Any] = {"pool_pre_ping": True}
 
+#: A ``QueuePool`` whose size the options do not give: at most as many connections as
+#: SQLAlchemy's 5 + 10 overflow, all kept once opened (an overflow connection is closed as
+#: it is returned: docs/performance.md#the-candidates).
+POOL_DEFAULTS: Mapping[str, Any] = {"pool_size": 15, "max_overflow": 0}
+
+
+def pool_defaults(url: str, options: Mapping[str, Any]) -> Mapping[str, Any]:
+    """:data:`POOL_DEFAULTS` where they apply: a ``QueuePool`` (not SQLite's pools, not a
+    ``poolclass`` or ``pool`` of the user's) whose size the options do not give."""
+    sized = {"pool_size", "max_overflow", "poolclass", "pool"} & set(options)
+    return {} if sized or url.startswith("sqlite") else POOL_DEFAULTS
+
+
 #: Seconds a message sent from outside a task body may wait to be handed to the broker
 #: (``apublish``, ``adelay``, ``on_commit`` in a web app); app.conf.
 PUBLISH_TIMEOUT = "async_session_publish_timeout"

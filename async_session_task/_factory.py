@@ -30,6 +30,7 @@ from ._config import (
     EngineKey,
     Settings,
     imported,
+    pool_defaults,
 )
 from .signals import engine_created
 
@@ -107,7 +108,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
     """Build the engine for ``async_session_url``; errors never show the password."""
     url = parse_url(settings)
     shown = url.render_as_string(hide_password=True)
-    options = {**ENGINE_DEFAULTS, **settings.engine_options}
+    given = settings.engine_options
+    options = {**ENGINE_DEFAULTS, **pool_defaults(str(url), given), **given}
     # On asyncpg the library pings in one round trip where SQLAlchemy takes three (_ping).
     ping = bool(options.get("pool_pre_ping")) and _ping.replaces_pre_ping(url)
     if ping:
@@ -165,8 +167,9 @@ def pool_capacity(settings: Settings) -> tuple[int | None, tuple[Any, ...]]:
     """Most connections the settings' engine pool hands out (None: unbounded or unknown),
     and a key that is equal for tasks sharing that pool."""
     if settings.maker is None:
-        options = settings.engine_options
-        if "poolclass" in options or str(settings.url or "").startswith("sqlite"):
+        url = str(settings.url or "")
+        options = {**pool_defaults(url, settings.engine_options), **settings.engine_options}
+        if "poolclass" in options or url.startswith("sqlite"):
             return None, ()
         # QueuePool's defaults; a negative max_overflow means no limit.
         size, overflow = options.get("pool_size", 5), options.get("max_overflow", 10)

@@ -111,6 +111,14 @@ _ALL = [
         driver="psycopg",
         opts=PSYCOPG_NO_CACHE,
     ),
+    # The same most connections (5 + 10) without the overflow's churn: the pool keeps all
+    # it opened, and runs beyond them wait for one instead of connecting.
+    _library(
+        "library-pool15",
+        "async_session_task, pool_size=15, max_overflow=0",
+        14,
+        opts={"pool_size": 15, "max_overflow": 0},
+    ),
     # Each run writes its marker in its own transaction (docs/running-once.md).
     _library("library-idempotent", "async_session_task, idempotent=True", 10, idempotent="1"),
     Implementation("sync", "sync pattern (psycopg 3)", "benchmarks.impl_sync", 20_000_000),

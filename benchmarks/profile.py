@@ -40,13 +40,18 @@ def _package(frame: str) -> str:
 
 
 def summarise(raw: Path, top: int) -> str:
-    """Where the samples are: by process and thread, then by function inside pool children."""
+    """Where the samples are: by process and thread, then by function inside pool children
+    (or, on pools without children: threads, gevent, the main process)."""
     places: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     packages: collections.Counter[str] = collections.Counter()
     total = child_total = 0
-    for line in raw.read_text().splitlines():
+    lines = raw.read_text().splitlines()
+    # py-spy nests a child's stacks under its parent: two "process" frames.
+    children = any(line.count(";process ") + line.startswith("process ") > 1 for line in lines)
+    where = "pool children" if children else "main process"
+    for line in lines:
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
         processes = [f for f in frames if f.startswith("process ")]
@@ -55,24 +60,24 @@ def summarise(raw: Path, top: int) -> str:
         code = [_frame(f) for f in raw_code]
         samples = int(count)
         total += samples
-        child = len(processes) > 1  # py-spy nests a child's stacks under its parent
+        child = len(processes) > 1
         thread = "main thread" if threads and "MainThread" in threads[-1] else "other thread"
         places[f"{'pool child' if child else 'main process'}, {thread}"] += samples
-        if not child or not code:
+        if child != children or not code:
             continue
         child_total += samples
         for frame in set(code):
             inclusive[frame] += samples
         own[code[-1]] += samples
         packages[_package(raw_code[-1])] += samples
-    lines = [f"{total} samples of threads holding the GIL"]
-    lines += [f"{100 * n / max(total, 1):5.1f}%  {place}" for place, n in places.most_common()]
+    out = [f"{total} samples of threads holding the GIL"]
+    out += [f"{100 * n / max(total, 1):5.1f}%  {place}" for place, n in places.most_common()]
     for title, counter in (("self, by package", packages), ("inclusive", inclusive), ("self", own)):
-        lines.append(f"--- pool children, {title} ({child_total} samples)")
-        lines += [
+        out.append(f"--- {where}, {title} ({child_total} samples)")
+        out += [
             f"{100 * n / max(child_total, 1):5.1f}%  {name}" for name, n in counter.most_common(top)
         ]
-    return "\n".join(lines)
+    return "\n".join(out)
 
 
 def main() -> None:
