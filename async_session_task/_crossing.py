@@ -20,7 +20,7 @@ from contextvars import Context
 from typing import Any, TypeVar
 
 from ._drive import await_in_body, in_body
-from ._waiters import Waiter
+from ._waiters import Waiter, settle
 
 T = TypeVar("T")
 
@@ -139,9 +139,9 @@ class Crossing:
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
-                self._loop.call_soon_threadsafe(_settle, future, None, exc)
+                self._loop.call_soon_threadsafe(settle, future, None, exc)
             else:
-                self._loop.call_soon_threadsafe(_settle, future, result, None)
+                self._loop.call_soon_threadsafe(settle, future, result, None)
 
     def result(self) -> Any:
         """The coroutine's value; its exception, or ``CancelledError``, raised."""
@@ -153,12 +153,3 @@ class Crossing:
         if self.task is None or self.task.cancelled():
             raise asyncio.CancelledError
         return self._value
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)

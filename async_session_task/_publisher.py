@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ._waiters import settle
+
 T = TypeVar("T")
 
 #: Threads that publish at once.
@@ -121,17 +123,9 @@ class Publisher:
         """
         waiter: asyncio.Future[T] = loop.create_future()
 
-        def resolve(value: Any, error: BaseException | None) -> None:
-            if waiter.done():  # its caller gave up
-                return
-            if error is None:
-                waiter.set_result(value)
-            else:
-                waiter.set_exception(error)
-
         def answer(value: Any, error: BaseException | None) -> None:
             with contextlib.suppress(RuntimeError):  # the loop has closed
-                loop.call_soon_threadsafe(resolve, value, error)
+                loop.call_soon_threadsafe(settle, waiter, value, error)
 
         def call() -> None:
             try:

@@ -24,6 +24,7 @@ from typing import Any
 from celery.result import AsyncResult
 
 from ._process import ThreadsByKey
+from ._waiters import settle
 
 logger = logging.getLogger("async_session_task")
 
@@ -104,7 +105,7 @@ class Replies(threading.Thread):
         waiter.settled = True
         self._waiting -= 1
         with contextlib.suppress(RuntimeError):  # the waiter's loop has closed
-            waiter.loop.call_soon_threadsafe(_resolve, waiter.future, error)
+            waiter.loop.call_soon_threadsafe(settle, waiter.future, None, error)
 
     def _drain(self) -> None:
         try:
@@ -114,15 +115,6 @@ class Replies(threading.Thread):
         except Exception:  # the consumer reconnects on its next drain
             logger.warning("async_session_task: receiving rpc:// replies failed", exc_info=True)
             time.sleep(0.5)
-
-
-def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():  # its waiter gave up
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 _replies = ThreadsByKey[Replies]()

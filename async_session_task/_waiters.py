@@ -1,4 +1,5 @@
-"""How a worker's thread or greenlet sleeps until the loop thread says a run is done.
+"""How a worker's thread or greenlet sleeps until the loop thread says a run is done; and,
+the other way, how a thread's answer settles a future of the loop (:func:`settle`).
 
 The loop always runs in a real OS thread; what differs is the caller:
 
@@ -17,6 +18,7 @@ The loop always runs in a real OS thread; what differs is the caller:
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import sys
@@ -197,3 +199,14 @@ def waiter_class() -> type[Waiter]:
         if patcher.is_monkey_patched("thread"):
             return EventletWaiter
     return LockWaiter
+
+
+def settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    """On the future's loop (``call_soon_threadsafe``): set what another thread answered,
+    unless the waiter gave up (the future is done: cancelled, or timed out)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
