@@ -121,7 +121,7 @@ def target_rows(target: Target, runs: int) -> list[Row]:
     rows.append(bouncer_row(target))
     sync_pool = engine.sync_engine.pool
     if _ping.installed(engine):
-        rows.append(Row(OK, "pool_pre_ping", "on (SELECT 1, one round trip)"))
+        rows.append(Row(OK, "pool_pre_ping", "on (socket check; SELECT 1 after 1 s idle)"))
     elif getattr(sync_pool, "_pre_ping", False):  # Pool keeps it private
         rows.append(Row(OK, "pool_pre_ping", "on"))
     elif isinstance(sync_pool, NullPool):

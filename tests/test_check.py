@@ -76,7 +76,8 @@ def test_a_healthy_app_passes(database_url: str) -> None:
     assert "pool_size 4 + max_overflow 4 for 8 run(s)" in line(lines, "OK     pool ")
     assert "1 process(es) x 8 = 8 <= " in line(lines, "OK     connection budget ")
     assert 'database "pgbouncer" does not exist' in line(lines, "OK     pgbouncer ")
-    assert line(lines, "OK     pool_pre_ping ").endswith("on (SELECT 1, one round trip)")
+    pre_ping = "on (socket check; SELECT 1 after 1 s idle)"
+    assert line(lines, "OK     pool_pre_ping ").endswith(pre_ping)
     assert "20000 ms <= 30.0 s (check.query)" in line(lines, "OK     statement_timeout ")
     assert line(lines, "SKIP   lifespan ").endswith("not configured")
     assert lines[-1] == "no errors"

@@ -23,7 +23,7 @@ import pytest
 from celery.result import ResultSet
 from sqlalchemy import create_engine, event, text
 
-from async_session_task import pgbouncer_engine_options
+from async_session_task import _ping, pgbouncer_engine_options
 from async_session_task._config import Settings
 from async_session_task._factory import create_engine as create_async_engine_of
 from async_session_task.testing import WorkerProcess, worker_process
@@ -215,12 +215,16 @@ def test_without_the_preset_prepared_statements_fail(
     assert sum(failures.values()) > 0, Counter(outcome(v) for v in values)
 
 
+@pytest.mark.parametrize("idle_ping_after", [0.0, _ping.IDLE_PING_AFTER], ids=["ping", "busy"])
 def test_the_pre_ping_through_pgbouncer_with_a_pool_of_client_connections(
-    pgbouncer: Bouncer,
+    pgbouncer: Bouncer, idle_ping_after: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the preset and a pool of its own (``pool_size``), pooled client connections are
-    pinged on checkout (``SELECT 1``, a simple query: nothing prepared) and every session
-    of 200, 8 at a time through 4 server connections, gets a working connection."""
+    """With the preset and a pool of its own (``pool_size``), every session of 200, 8 at a
+    time through 4 server connections, gets a working connection: pooled client
+    connections returned a moment ago are checked without a round trip (``busy``), and
+    with the window at 0 every pooled checkout is pinged with ``SELECT 1``, a simple query
+    that prepares nothing (``ping``)."""
+    monkeypatch.setattr(_ping, "IDLE_PING_AFTER", idle_ping_after)
     settings = Settings(
         url=pgbouncer.url,
         engine_options=pgbouncer_engine_options(pool_size=3, max_overflow=0),
@@ -257,11 +261,11 @@ def test_the_pre_ping_through_pgbouncer_with_a_pool_of_client_connections(
             await engine.dispose()
 
     assert asyncio.run(scenario()) == list(range(200))
-    # Every ping succeeded: no connection was replaced, so only the first checkout of each
-    # of the pool's 3 connections went unpinged.
+    # No connection was replaced: every ping succeeded, and only the first checkout of each
+    # of the pool's 3 connections went unpinged; or, busy, none was pinged.
     assert invalidated == []
     assert len(connects) == 3
-    assert len(pings) == 200 - 3
+    assert len(pings) == (200 - 3 if idle_ping_after == 0 else 0)
 
 
 def test_a_pgbouncer_restart_costs_no_run(pgbouncer: Bouncer) -> None:

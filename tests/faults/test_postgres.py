@@ -6,12 +6,14 @@ private Redis broker.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
 import pytest
 from celery import group
 
+from async_session_task import _ping
 from tests.faults import app
 from tests.faults.services import PrivatePostgres, wait_for
 from tests.helpers import FaultWorker, StartFaultWorker
@@ -124,6 +126,33 @@ def test_restart_between_runs_costs_no_run(
         assert {r["pid"] for r in after} <= pids
         assert processes(worker, pool) == pids
         assert not {r["backend_pid"] for r in after} & stale
+        assert worker.worker.stop() == 0
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads", "gevent", "eventlet"])
+def test_terminated_backends_cost_no_run(start_fault_worker: StartFaultWorker, pool: str) -> None:
+    """Every server connection of a worker ended (``pg_terminate_backend``, as an
+    administrator or a failover does) a moment after its runs returned them: the next runs
+    take the pooled connections within the second in which the library checks them without
+    a round trip (docs/internals.md#dead-pooled-connections), find each dead, and all
+    succeed on new backends."""
+    with start_fault_worker(pool=pool, concurrency=2) as worker:
+        before = run_batch(worker)
+        assert all(isinstance(r, dict) for r in before), before
+        returned = time.monotonic()
+        ended = worker.pg.query(
+            "select pg_terminate_backend(pid, 5000) from pg_stat_activity "
+            "where application_name = %s",
+            worker.application_name,
+        )
+        assert ended, worker.application_name
+        assert set(ended) == {(True,)}, ended
+        # The premise: the next runs come within the window of the check without a ping.
+        assert time.monotonic() - returned < _ping.IDLE_PING_AFTER
+
+        after = run_batch(worker)
+        assert all(isinstance(r, dict) for r in after), after
+        assert not {r["backend_pid"] for r in after} & {r["backend_pid"] for r in before}
         assert worker.worker.stop() == 0
 
 
