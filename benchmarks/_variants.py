@@ -119,6 +119,22 @@ _ALL = [
         14,
         opts={"pool_size": 5, "max_overflow": 10},
     ),
+    # The pre-ping's round trip on every pooled checkout, where the library checks a
+    # connection returned less than a second ago without one (docs/internals.md).
+    _library(
+        "library-ping",
+        "async_session_task, SELECT 1 on every pooled checkout",
+        15,
+        ping="always",
+    ),
+    _library(
+        "library-pgbouncer-ping",
+        "async_session_task through PgBouncer, SELECT 1 on every pooled checkout",
+        16,
+        ping="always",
+        pgbouncer=True,
+        pools=("prefork", "threads"),
+    ),
     # Each run writes its marker in its own transaction (docs/running-once.md).
     _library("library-idempotent", "async_session_task, idempotent=True", 10, idempotent="1"),
     Implementation("sync", "sync pattern (psycopg 3)", "benchmarks.impl_sync", 20_000_000),

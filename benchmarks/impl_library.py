@@ -6,7 +6,9 @@ Its variants (``benchmarks._variants``) are set by environment variables, read a
 (``run_sync``: the ORM work as one sync block), ``AST_BENCH_PGBOUNCER`` (a PgBouncer's
 asyncpg URL: connect through it with ``pgbouncer_engine_options()``, or with psycopg and
 the options given when the driver is ``psycopg``) and
-``AST_BENCH_IDEMPOTENT`` (``1``: ``idempotent=True``, a marker per run).
+``AST_BENCH_IDEMPOTENT`` (``1``: ``idempotent=True``, a marker per run) and ``AST_BENCH_PING``
+(``always``: the pre-ping's ``SELECT 1`` on every pooled checkout, its window set to 0, to
+measure what the check without a round trip saves).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Mapping
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from async_session_task import AsyncSessionTask, pgbouncer_engine_options
+from async_session_task import AsyncSessionTask, _ping, pgbouncer_engine_options
 from benchmarks._apps import TASK_NAME, database_url, make_app
 from benchmarks._model import Counter
 
@@ -46,6 +48,9 @@ def configure(app: Celery, environ: Mapping[str, str]) -> None:
     if options:
         app.conf.async_session_engine_options = options
 
+
+if os.environ.get("AST_BENCH_PING") == "always":
+    _ping.IDLE_PING_AFTER = 0.0
 
 app = make_app("bench_library")
 configure(app, os.environ)
