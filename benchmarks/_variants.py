@@ -177,7 +177,7 @@ FACTORS = ("-info", "-noresult")
 DEFAULTS: dict[str, tuple[str, ...]] = {
     "db-prefork": (
         "library",
-        "library-nopreping",
+        "library-ping",
         "library-uvloop",
         "library-psycopg",
         "library-runsync",
@@ -187,7 +187,7 @@ DEFAULTS: dict[str, tuple[str, ...]] = {
         "naive",
         "noop",
     ),
-    "io-threads": ("library", "library-nopreping", "library-uvloop", "sync", "naive", "noop"),
+    "io-threads": ("library", "library-ping", "library-uvloop", "sync", "naive", "noop"),
     "io-gevent": ("library", "sync", "naive", "noop"),
     "db-threads": ("library", "library-pgbouncer", "sync"),
 }
