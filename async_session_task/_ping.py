@@ -91,7 +91,7 @@ def _ping(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) 
 def _pending(connection: Any) -> bool:
     """True if the idle connection's socket has something to read (an error, the end of the
     stream, a notification), or if it cannot be told: then a round trip decides."""
-    # asyncpg keeps its transport private (docs/internals.md#private-names).
+    # asyncpg keeps its transport private (docs/internals.md#upstream-private-names).
     transport = getattr(connection, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None:
