@@ -120,7 +120,7 @@ def test_a_pending_notification_is_no_death(database_url: str) -> None:
             async with engine.connect() as connection:
                 await connection.execute(text("listen ast_ping_test"))
                 await connection.commit()
-                old = int((await connection.execute(text("select pg_backend_pid()"))).scalar())
+                old = int((await connection.execute(text("select pg_backend_pid()"))).scalar_one())
             pg_query(database_url, "select pg_notify('ast_ping_test', 'x')")
             time.sleep(0.2)  # noqa: ASYNC251  # the loop stands still: it waits in the socket
             sent.clear()
