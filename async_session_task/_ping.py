@@ -6,8 +6,9 @@ A server that shut down, restarted or terminated the backend (PostgreSQL sends i
 then closes; PgBouncer closes) leaves the error or the end of the stream to read, and a
 connection asyncpg already saw close is closed. Only then, or after the connection has been
 back in the pool for :data:`IDLE_PING_AFTER` seconds (where a silent network failure may hide
-behind an empty socket), is it pinged with ``SELECT 1``, one round trip. This is what pgx's
-pool and PgDog do (jackc/pgx#1738, pgdogdev/pgdog#1318); docs/internals.md#dead-pooled-connections.
+behind an empty socket), is it pinged with ``SELECT 1``, one round trip. pgx's pool pings
+only a connection idle for more than a second (jackc/pgx#1738), PgDog polls the socket on
+every checkout (pgdogdev/pgdog#1318); docs/internals.md#dead-pooled-connections.
 
 SQLAlchemy's asyncpg adapter pings with three round trips (``BEGIN``, ``;``, ``ROLLBACK``:
 the transaction keeps its prepared ``;`` on one server connection behind PgBouncer,
@@ -94,7 +95,7 @@ def _pending(connection: Any) -> bool:
     # asyncpg keeps its transport private (docs/internals.md#upstream-private-names).
     transport = getattr(connection, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
+    if sock is None or sock.fileno() < 0:
         return True
     # The unpatched poll: a gevent or eventlet one would wait on their hub, and this runs
     # on the loop's thread (docs/internals.md#monkey-patched-threads).
