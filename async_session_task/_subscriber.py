@@ -26,6 +26,7 @@ from typing import Any
 from celery import states
 
 from ._process import ThreadsByKey
+from ._waiters import settle
 
 #: Seconds the thread sleeps when it cannot watch its connection (not connected).
 LISTEN = 0.05
@@ -138,7 +139,7 @@ class Subscriber(threading.Thread):
                 continue
             if meta.get("status") in states.READY_STATES:
                 with contextlib.suppress(RuntimeError):  # the waiter's loop has closed
-                    waiter.loop.call_soon_threadsafe(_resolve, waiter.future, meta)
+                    waiter.loop.call_soon_threadsafe(settle, waiter.future, meta, None)
 
     def _sleep(self) -> None:
         """Until Redis sends something (while subscribed) or a command comes."""
@@ -155,11 +156,6 @@ class Subscriber(threading.Thread):
         select.select(readable, [], [], timeout)
         with contextlib.suppress(OSError):
             self._woken.recv(4096)
-
-
-def _resolve(future: asyncio.Future[dict[str, Any]], meta: dict[str, Any]) -> None:
-    if not future.done():  # its waiter gave up, or another message came first
-        future.set_result(meta)
 
 
 _subscribers = ThreadsByKey[Subscriber]()
